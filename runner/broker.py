@@ -1,0 +1,237 @@
+"""The broker interface every backend implements, and the pieces backends share.
+
+A backend stores messages per subscription and settles them. The runtime never talks to a
+broker client directly, so a new backend is one module implementing `Broker`:
+
+- `publish` accepts a batch of envelopes and returns once they are stored (waiting for
+  room when a subscription is full, unless its topic rejects on full);
+- `fetch` is a long poll: it returns up to `max_messages` deliveries as soon as any are
+  ready, or an empty list after `timeout`;
+- `ack` and `nack` take batches; a nack either schedules a redelivery after a delay or,
+  once `max_deliveries` is reached or the nack is terminal, dead-letters or drops;
+- `consume` starts push delivery with a cap on unacknowledged messages;
+- `stats` returns the counters in the report shape.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowrun.clock import SYSTEM_CLOCK, Clock
+from flowrun.codec import iso_time
+from flowrun.message import Delivery, Envelope
+from flowrun.spec import AckPolicy, OnFull, RetrySpec
+
+logger = logging.getLogger(__name__)
+
+DeliveryCallback = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class SubscriptionConfig:
+    """What a broker needs to know about one subscription."""
+
+    name: str
+    topic: str
+    ack: AckPolicy = AckPolicy.AUTO
+    ack_timeout: float = 30.0
+    max_deliveries: int = 5
+    dead_letter: str | None = None
+    retry: RetrySpec = field(default_factory=RetrySpec)
+    max_pending: int = 10_000
+    on_full: OnFull = OnFull.BLOCK
+    plugin: str = ""
+
+    def backoff(self, delivery_count: int) -> float:
+        """Delay before the delivery that follows delivery number `delivery_count`."""
+        retry = self.retry
+        delay = min(retry.max, retry.initial * retry.multiplier ** max(delivery_count - 1, 0))
+        if retry.jitter:
+            delay -= delay * retry.jitter * random.random()
+        return delay
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every topic and subscription of a flow, declared on the broker at start."""
+
+    flow_name: str
+    topics: tuple[str, ...]
+    subscriptions: tuple[SubscriptionConfig, ...]
+
+    def subscription(self, name: str) -> SubscriptionConfig:
+        for config in self.subscriptions:
+            if config.name == name:
+                return config
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """Why a delivery failed, as carried into dead-letter headers."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def timeout(cls, seconds: float) -> ErrorInfo:
+        return cls("flowrun.AckTimeout", f"not acked within the ack timeout of {seconds:g}s")
+
+
+@dataclass(frozen=True)
+class Nack:
+    """A negative acknowledgement of one delivery."""
+
+    tag: Any
+    delay: float | None = None
+    error: ErrorInfo | None = None
+    terminal: bool = False
+
+
+DEAD_LETTER_HEADERS = (
+    "flowrun.original_topic",
+    "flowrun.original_id",
+    "flowrun.subscription",
+    "flowrun.plugin",
+    "flowrun.delivery_count",
+    "flowrun.error_type",
+    "flowrun.error",
+    "flowrun.traceback",
+    "flowrun.first_delivered_at",
+    "flowrun.last_delivered_at",
+)
+
+
+def dead_letter_headers(
+    delivery: Delivery, config: SubscriptionConfig, error: ErrorInfo | None, now: float
+) -> dict[str, str]:
+    """Build the failure envelope every backend attaches to a dead letter."""
+    error = error or ErrorInfo("flowrun.Unknown", "no error was recorded")
+    headers = dict(delivery.envelope.headers)
+    headers.update(
+        {
+            "flowrun.original_topic": delivery.envelope.topic,
+            "flowrun.original_id": delivery.envelope.id,
+            "flowrun.subscription": config.name,
+            "flowrun.plugin": config.plugin,
+            "flowrun.delivery_count": str(delivery.delivery_count),
+            "flowrun.error_type": error.type,
+            "flowrun.error": error.message,
+            "flowrun.traceback": error.traceback,
+            "flowrun.first_delivered_at": iso_time(delivery.first_delivered_at),
+            "flowrun.last_delivered_at": iso_time(now),
+        }
+    )
+    return headers
+
+
+class Broker(abc.ABC):
+    """Stores messages per subscription and delivers them with acks, retries and dead letters."""
+
+    backend = "abstract"
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock
+        self.topology: Topology | None = None
+        self._consumers: dict[str, list[FetchConsumer]] = {}
+
+    @abc.abstractmethod
+    async def start(self, topology: Topology) -> None:
+        """Connect and declare every topic and subscription of the flow."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; unacked messages stay with the broker where it is durable."""
+
+    @abc.abstractmethod
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Store each envelope for every subscription of its topic."""
+
+    @abc.abstractmethod
+    async def fetch(self, subscription: str, max_messages: int, timeout: float) -> list[Delivery]:
+        """Return up to `max_messages` deliveries, waiting up to `timeout` seconds for the first."""
+
+    @abc.abstractmethod
+    async def ack(self, subscription: str, tags: Sequence[Any]) -> None:
+        """Settle deliveries as done; unknown or expired tags are ignored."""
+
+    @abc.abstractmethod
+    async def nack(self, subscription: str, nacks: Sequence[Nack]) -> None:
+        """Redeliver later, or dead-letter or drop once the deliveries are used up."""
+
+    @abc.abstractmethod
+    async def stats(self) -> dict[str, Any]:
+        """Counters in the report shape: topics with published, subscriptions with counts."""
+
+    def consume(self, subscription: str, callback: DeliveryCallback, max_in_flight: int) -> FetchConsumer:
+        """Start push delivery of `subscription` to `callback`, at most `max_in_flight` unacked."""
+        consumer = FetchConsumer(self, subscription, callback, max_in_flight)
+        self._consumers.setdefault(subscription, []).append(consumer)
+        consumer.start()
+        return consumer
+
+    def _released(self, subscription: str, tag: Any) -> None:
+        """Tell push consumers that a delivery was acked, nacked or expired."""
+        for consumer in self._consumers.get(subscription, ()):
+            consumer.release(tag)
+
+
+class FetchConsumer:
+    """Push delivery built on `fetch`: dispatches while fewer than the cap are unacked."""
+
+    def __init__(self, broker: Broker, subscription: str, callback: DeliveryCallback, max_in_flight: int) -> None:
+        self.broker = broker
+        self.subscription = subscription
+        self.callback = callback
+        self.max_in_flight = max_in_flight
+        self.outstanding: set[Any] = set()
+        self.peak_outstanding = 0
+        self._room = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"flowrun-consume-{self.subscription}")
+
+    def release(self, tag: Any) -> None:
+        if tag in self.outstanding:
+            self.outstanding.discard(tag)
+            self._room.set()
+
+    async def _run(self) -> None:
+        while True:
+            while len(self.outstanding) >= self.max_in_flight:
+                self._room.clear()
+                await self._room.wait()
+
+            free = self.max_in_flight - len(self.outstanding)
+            deliveries = await self.broker.fetch(self.subscription, free, timeout=5.0)
+
+            for delivery in deliveries:
+                self.outstanding.add(delivery.tag)
+                task = asyncio.create_task(self.callback(delivery))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+            self.peak_outstanding = max(self.peak_outstanding, len(self.outstanding))
+
+    async def stop(self) -> None:
+        """Stop fetching; handlers already dispatched keep running."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    @property
+    def running_handlers(self) -> set[asyncio.Task[None]]:
+        return self._handlers

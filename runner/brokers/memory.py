@@ -1,0 +1,311 @@
+"""In-process broker: the whole contract in memory, for tests and throwaway runs.
+
+Nothing survives the process. Each subscription has its own ready queue, a heap of delayed
+redeliveries and a table of in-flight deliveries; one timer task moves due redeliveries
+back to the ready queue and expires in-flight deliveries whose ack timeout passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flowrun.broker import Broker, ErrorInfo, Nack, SubscriptionConfig, Topology, dead_letter_headers
+from flowrun.clock import SYSTEM_CLOCK, Clock
+from flowrun.counters import Counters
+from flowrun.errors import BrokerError, QueueFullError
+from flowrun.message import Delivery, Envelope
+from flowrun.spec import AckPolicy, OnFull
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Entry:
+    envelope: Envelope
+    delivery_count: int = 0
+    first_delivered_at: float = 0.0
+    last_error: ErrorInfo | None = None
+
+
+@dataclass(slots=True)
+class _InFlight:
+    entry: _Entry
+    delivery: Delivery
+    deadline: float | None
+
+
+class _Queue:
+    """One subscription's messages: ready, delayed and in flight."""
+
+    def __init__(self, config: SubscriptionConfig) -> None:
+        self.config = config
+        self.ready: deque[_Entry] = deque()
+        self.delayed = 0
+        self.in_flight: dict[int, _InFlight] = {}
+        self.not_empty = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+
+    @property
+    def size(self) -> int:
+        return len(self.ready) + self.delayed + len(self.in_flight)
+
+    def update_room(self) -> None:
+        if self.size < self.config.max_pending:
+            self.room.set()
+        else:
+            self.room.clear()
+
+
+class MemoryBroker(Broker):
+    """Broker kept in the process's memory."""
+
+    backend = "memory"
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(clock)
+        self.counters = Counters()
+        self._queues: dict[str, _Queue] = {}
+        self._by_topic: dict[str, list[_Queue]] = {}
+        self._timers: list[tuple[float, int, str, int, _Entry | None]] = []
+        self._sequence = itertools.count()
+        self._tags = itertools.count(1)
+        self._timer_changed = asyncio.Event()
+        self._timer_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self, topology: Topology) -> None:
+        self.topology = topology
+        for topic in topology.topics:
+            self._by_topic.setdefault(topic, [])
+        for config in topology.subscriptions:
+            queue = _Queue(config)
+            self._queues[config.name] = queue
+            self._by_topic.setdefault(config.topic, []).append(queue)
+        self._timer_task = asyncio.create_task(self._run_timers(), name="flowrun-memory-timers")
+        logger.info("memory broker started with %d topics and %d subscriptions", len(self._by_topic), len(self._queues))
+
+    async def close(self) -> None:
+        self._closed = True
+        for queue in self._queues.values():
+            queue.not_empty.set()
+            queue.room.set()
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            try:
+                await self._timer_task
+            except asyncio.CancelledError:
+                pass
+            self._timer_task = None
+
+    # Publishing
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        for envelope in envelopes:
+            await self._publish_one(envelope, bounded=True)
+
+    async def _publish_one(self, envelope: Envelope, bounded: bool) -> None:
+        queues = self._by_topic.get(envelope.topic)
+        if queues is None:
+            raise BrokerError(f"topic '{envelope.topic}' is not declared on the broker")
+
+        if bounded:
+            await self._wait_for_room(envelope.topic, queues)
+
+        for queue in queues:
+            queue.ready.append(_Entry(envelope))
+            queue.update_room()
+            queue.not_empty.set()
+        self.counters.published[envelope.topic] += 1
+
+    async def _wait_for_room(self, topic: str, queues: list[_Queue]) -> None:
+        while True:
+            full = [queue for queue in queues if queue.size >= queue.config.max_pending]
+            if not full or self._closed:
+                return
+
+            queue = full[0]
+            if queue.config.on_full is OnFull.REJECT:
+                raise QueueFullError(
+                    f"subscription '{queue.config.name}' of topic '{topic}' holds {queue.size} messages, "
+                    f"its max_pending; retry later or raise max_pending"
+                )
+            await queue.room.wait()
+
+    # Delivering
+
+    async def fetch(self, subscription: str, max_messages: int, timeout: float) -> list[Delivery]:
+        queue = self._queue(subscription)
+        deadline = self.clock.monotonic() + timeout
+
+        while not queue.ready:
+            remaining = deadline - self.clock.monotonic()
+            if self._closed or remaining <= 0:
+                return []
+            queue.not_empty.clear()
+            await self.clock.wait(queue.not_empty, remaining)
+
+        deliveries = [self._deliver(queue, queue.ready.popleft()) for _ in range(min(max_messages, len(queue.ready)))]
+        if not queue.ready:
+            queue.not_empty.clear()
+        return deliveries
+
+    def _deliver(self, queue: _Queue, entry: _Entry) -> Delivery:
+        now = self.clock.monotonic()
+        entry.delivery_count += 1
+        if entry.delivery_count == 1:
+            entry.first_delivered_at = self.clock.wall()
+
+        tag = next(self._tags)
+        delivery = Delivery(entry.envelope, queue.config.name, entry.delivery_count, tag, entry.first_delivered_at)
+
+        # Under ack: none the message leaves the queue on delivery: it is never redelivered,
+        # so it gets no deadline, and its settlement only decides how it is counted.
+        deadline = None if queue.config.ack is AckPolicy.NONE else now + queue.config.ack_timeout
+        queue.in_flight[tag] = _InFlight(entry, delivery, deadline)
+        if deadline is not None:
+            self._schedule(deadline, queue.config.name, tag, None)
+
+        counters = self.counters.subscriptions[queue.config.name]
+        counters.delivered += 1
+        if entry.delivery_count > 1:
+            counters.redelivered += 1
+        return delivery
+
+    # Settling
+
+    async def ack(self, subscription: str, tags: Sequence[Any]) -> None:
+        queue = self._queue(subscription)
+        counters = self.counters.subscriptions[subscription]
+        for tag in tags:
+            if queue.in_flight.pop(tag, None) is None:
+                logger.debug("ignored ack of unknown or expired delivery %s on '%s'", tag, subscription)
+                continue
+            counters.acked += 1
+            self._released(subscription, tag)
+        queue.update_room()
+
+    async def nack(self, subscription: str, nacks: Sequence[Nack]) -> None:
+        queue = self._queue(subscription)
+        for nack in nacks:
+            flight = queue.in_flight.pop(nack.tag, None)
+            if flight is None:
+                logger.debug("ignored nack of unknown or expired delivery %s on '%s'", nack.tag, subscription)
+                continue
+            flight.entry.last_error = nack.error
+            self._released(subscription, nack.tag)
+            self._retry_or_give_up(queue, flight, nack.delay, nack.terminal)
+        queue.update_room()
+
+    def _retry_or_give_up(self, queue: _Queue, flight: _InFlight, delay: float | None, terminal: bool) -> None:
+        config = queue.config
+        entry = flight.entry
+        exhausted = entry.delivery_count >= config.max_deliveries
+
+        if terminal or exhausted or config.ack is AckPolicy.NONE:
+            self._give_up(queue, flight)
+            return
+
+        wait = config.backoff(entry.delivery_count) if delay is None else max(delay, 0.0)
+        if wait <= 0:
+            queue.ready.append(entry)
+            queue.not_empty.set()
+            return
+
+        queue.delayed += 1
+        self._schedule(self.clock.monotonic() + wait, config.name, 0, entry)
+
+    def _give_up(self, queue: _Queue, flight: _InFlight) -> None:
+        config = queue.config
+        counters = self.counters.subscriptions[config.name]
+        error = flight.entry.last_error
+
+        if config.dead_letter is None or config.ack is AckPolicy.NONE:
+            counters.dropped += 1
+            logger.warning(
+                "dropped message %s of subscription '%s' after %d deliveries: %s",
+                flight.delivery.envelope.id, config.name, flight.entry.delivery_count,
+                error.message if error else "no error recorded",
+            )
+            return
+
+        headers = dead_letter_headers(flight.delivery, config, error, self.clock.wall())
+        envelope = Envelope(uuid.uuid4().hex, config.dead_letter, flight.entry.envelope.body,
+                            flight.entry.envelope.key, headers, self.clock.wall())
+        counters.dead_lettered += 1
+        logger.error(
+            "dead-lettered message %s of subscription '%s' to '%s' after %d deliveries: %s",
+            envelope.headers["flowrun.original_id"], config.name, config.dead_letter,
+            flight.entry.delivery_count, headers["flowrun.error"],
+        )
+        # Dead letters skip the max_pending bound: blocking here could stall every
+        # subscription behind a full dead-letter queue.
+        self._publish_unbounded(envelope)
+
+    def _publish_unbounded(self, envelope: Envelope) -> None:
+        for queue in self._by_topic.get(envelope.topic, []):
+            queue.ready.append(_Entry(envelope))
+            queue.update_room()
+            queue.not_empty.set()
+        self.counters.published[envelope.topic] += 1
+
+    # Timers
+
+    def _schedule(self, due: float, subscription: str, tag: int, entry: _Entry | None) -> None:
+        earliest = self._timers[0][0] if self._timers else None
+        heapq.heappush(self._timers, (due, next(self._sequence), subscription, tag, entry))
+        if earliest is None or due < earliest:
+            self._timer_changed.set()
+
+    async def _run_timers(self) -> None:
+        while True:
+            now = self.clock.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, subscription, tag, entry = heapq.heappop(self._timers)
+                self._fire(subscription, tag, entry)
+
+            timeout = self._timers[0][0] - now if self._timers else None
+            self._timer_changed.clear()
+            await self.clock.wait(self._timer_changed, timeout)
+
+    def _fire(self, subscription: str, tag: int, entry: _Entry | None) -> None:
+        queue = self._queues[subscription]
+
+        if entry is not None:
+            queue.delayed -= 1
+            queue.ready.append(entry)
+            queue.not_empty.set()
+            return
+
+        flight = queue.in_flight.pop(tag, None)
+        if flight is None:
+            return
+        logger.warning(
+            "message %s of subscription '%s' was not acked within %gs (delivery %d); delivering it again",
+            flight.delivery.envelope.id, subscription, queue.config.ack_timeout, flight.entry.delivery_count,
+        )
+        flight.entry.last_error = ErrorInfo.timeout(queue.config.ack_timeout)
+        self._released(subscription, tag)
+        self._retry_or_give_up(queue, flight, None, False)
+        queue.update_room()
+
+    # Inspection
+
+    async def stats(self) -> dict[str, Any]:
+        topics = {name: queue.config.topic for name, queue in self._queues.items()}
+        gauges = {name: (len(queue.ready) + queue.delayed, len(queue.in_flight)) for name, queue in self._queues.items()}
+        return self.counters.snapshot(topics, gauges)
+
+    def _queue(self, subscription: str) -> _Queue:
+        try:
+            return self._queues[subscription]
+        except KeyError:
+            raise BrokerError(f"subscription '{subscription}' is not declared on the broker") from None

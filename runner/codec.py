@@ -1,0 +1,42 @@
+"""JSON encoding of payloads, shared by every backend so they agree on the wire format."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+from typing import Any
+
+import orjson
+
+from flowrun.errors import PayloadError
+
+
+def _encode_extra(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise TypeError(f"type {type(value).__name__} is not JSON serializable")
+
+
+def encode(payload: Any, topic: str) -> bytes:
+    """Encode `payload` as JSON; Decimal becomes a string, pydantic models their JSON form."""
+    try:
+        return orjson.dumps(payload, default=_encode_extra)
+    except TypeError as error:
+        raise PayloadError(
+            f"payload for topic '{topic}' cannot be encoded as JSON: {error}; "
+            "publish dicts, lists, strings, numbers, booleans, None, Decimal or datetime"
+        ) from None
+
+
+def decode(body: bytes) -> Any:
+    """Decode a JSON body published by `encode`."""
+    return orjson.loads(body)
+
+
+def iso_time(timestamp: float) -> str:
+    """Format a Unix timestamp as an ISO 8601 UTC string for headers."""
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")

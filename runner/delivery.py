@@ -1,0 +1,278 @@
+"""Run one subscription: take deliveries (push or pull), call the handler, settle the result.
+
+The ack policy is applied here and only here:
+
+- `auto`: ack when the handler returns, nack with the error when it raises, unless the
+  handler settled the message itself;
+- `explicit`: the handler calls `message.ack()` or `message.nack()`; a handler that raises
+  before settling is nacked; one that returns unsettled leaves the message in flight until
+  the ack timeout redelivers it;
+- `none`: the broker removed the message on delivery; success counts as acked, an error
+  as dropped.
+
+Acks and nacks are collected for one event-loop turn and sent to the broker as a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from typing import Any
+
+from flowrun.broker import Broker, ErrorInfo, FetchConsumer, Nack, SubscriptionConfig
+from flowrun.context import Context, current_hops, current_publishes
+from flowrun.errors import HopLimitError, PayloadError
+from flowrun.logs import RepeatLimiter
+from flowrun.message import HOPS_HEADER, Delivery, Message, Outcome, loop_call
+from flowrun.plugins import Handler, Invoker
+from flowrun.spec import AckPolicy, DeliveryMode, SubscriberSpec
+
+logger = logging.getLogger(__name__)
+
+TRACEBACK_CHARS = 4000
+# Errors for which another delivery cannot help: they go straight to the dead-letter topic.
+TERMINAL_ERRORS: tuple[type[BaseException], ...] = (HopLimitError, PayloadError)
+
+
+def describe_error(error: BaseException) -> ErrorInfo:
+    """Summarise an exception for dead-letter headers, keeping the end of the traceback."""
+    kind = type(error)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    text = "".join(traceback.format_exception(error))
+    if len(text) > TRACEBACK_CHARS:
+        text = "..." + text[-TRACEBACK_CHARS:]
+    return ErrorInfo(name, str(error) or name, text)
+
+
+class SettleBatcher:
+    """Collects acks and nacks for one loop turn, then sends each kind as one broker call."""
+
+    def __init__(self, broker: Broker, subscription: str) -> None:
+        self._broker = broker
+        self._subscription = subscription
+        self._acks: list[Any] = []
+        self._nacks: list[Nack] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def ack(self, tag: Any) -> None:
+        self._acks.append(tag)
+        self._schedule()
+
+    def nack(self, nack: Nack) -> None:
+        self._nacks.append(nack)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        acks, self._acks = self._acks, []
+        nacks, self._nacks = self._nacks, []
+        task = asyncio.ensure_future(self._send(acks, nacks))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, acks: list[Any], nacks: list[Nack]) -> None:
+        try:
+            if acks:
+                await self._broker.ack(self._subscription, acks)
+            if nacks:
+                await self._broker.nack(self._subscription, nacks)
+        except Exception:
+            # The broker keeps unsettled messages in flight, so the ack timeout redelivers them.
+            logger.exception("settling %d acks and %d nacks on '%s' failed", len(acks), len(nacks), self._subscription)
+
+    @property
+    def busy(self) -> bool:
+        return self._scheduled or bool(self._tasks)
+
+    async def drain(self) -> None:
+        while self.busy:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)
+
+
+class SubscriptionWorker:
+    """Delivers one subscription's messages to its handler under the subscription's policies."""
+
+    def __init__(
+        self,
+        name: str,
+        spec: SubscriberSpec,
+        config: SubscriptionConfig,
+        broker: Broker,
+        handler: Handler,
+        context: Context,
+        max_hops: int,
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.config = config
+        self.broker = broker
+        self.handler = handler
+        self.context = context
+        self.max_hops = max_hops
+        self.invoker = Invoker(name, spec.concurrency)
+        self.batcher = SettleBatcher(broker, name)
+        self.active = 0
+        self.handled = 0
+        self.failed = 0
+        self._slots = asyncio.Semaphore(spec.concurrency)
+        self._pulled = 0
+        self._capacity = asyncio.Event()
+        self._consumer: FetchConsumer | None = None
+        self._pull_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._errors = RepeatLimiter(logger, broker.clock)
+        self._loop = asyncio.get_running_loop()
+
+    # Lifecycle
+
+    def start(self) -> None:
+        if self.spec.mode is DeliveryMode.PUSH:
+            self._consumer = self.broker.consume(self.name, self._dispatch, self.spec.effective_max_in_flight)
+        else:
+            self._pull_task = asyncio.create_task(self._pull_loop(), name=f"flowrun-pull-{self.name}")
+        logger.info("subscriber '%s' started on topic '%s' (%s, ack %s)", self.name, self.spec.topic,
+                    self.spec.mode.value, self.spec.ack.value)
+
+    async def stop_fetching(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._pull_task is not None:
+            self._pull_task.cancel()
+            try:
+                await self._pull_task
+            except asyncio.CancelledError:
+                pass
+            self._pull_task = None
+
+    @property
+    def running(self) -> set[asyncio.Task[None]]:
+        tasks = set(self._tasks)
+        if self._consumer is not None:
+            tasks |= self._consumer.running_handlers
+        return tasks
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0 and not self.running and not self.batcher.busy
+
+    # Taking deliveries
+
+    async def _dispatch(self, delivery: Delivery) -> None:
+        async with self._slots:
+            await self._handle(delivery)
+
+    async def _pull_loop(self) -> None:
+        while True:
+            free = self.spec.concurrency - self._pulled
+            if free <= 0:
+                self._capacity.clear()
+                await self._capacity.wait()
+                continue
+
+            batch = min(self.spec.batch_size, free)
+            deliveries = await self.broker.fetch(self.name, batch, self.spec.max_wait)
+            for delivery in deliveries:
+                self._pulled += 1
+                task = asyncio.create_task(self._handle_pulled(delivery))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _handle_pulled(self, delivery: Delivery) -> None:
+        try:
+            await self._dispatch(delivery)
+        finally:
+            self._pulled -= 1
+            self._capacity.set()
+
+    # Handling one delivery
+
+    async def _handle(self, delivery: Delivery) -> None:
+        self.active += 1
+        message = Message(delivery, self._on_settle)
+        try:
+            error = await self._invoke(message)
+        finally:
+            self.active -= 1
+
+        if error is None:
+            self.handled += 1
+        else:
+            self.failed += 1
+            self._errors.warning(
+                type(error).__name__,
+                "handler of '%s' failed on message %s (delivery %d): %s",
+                self.name, message.id, message.delivery_count, error,
+            )
+        self._apply_policy(message, error)
+
+    async def _invoke(self, message: Message) -> BaseException | None:
+        publishes: list[asyncio.Future[str]] = []
+        publish_token = current_publishes.set(publishes)
+        hops_token = current_hops.set(_hops_of(message))
+        try:
+            await self._call_handler(message)
+            error: BaseException | None = None
+        except Exception as raised:  # noqa: BLE001 - every handler error is settled, not raised
+            error = raised
+        finally:
+            current_publishes.reset(publish_token)
+            current_hops.reset(hops_token)
+
+        # Publishes the handler started but did not await must be stored before the ack.
+        for outcome in await asyncio.gather(*publishes, return_exceptions=True):
+            if isinstance(outcome, BaseException) and error is None:
+                error = outcome
+        return error
+
+    async def _call_handler(self, message: Message) -> None:
+        timeout = self.spec.handler_timeout
+        if timeout is None:
+            await self.handler.handle(self.invoker, message, self.context)
+            return
+        try:
+            await asyncio.wait_for(self.handler.handle(self.invoker, message, self.context), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"handler did not finish within handler_timeout {timeout:g}s") from None
+
+    def _apply_policy(self, message: Message, error: BaseException | None) -> None:
+        if error is not None:
+            if isinstance(error, TERMINAL_ERRORS):
+                message.reject(error)
+            else:
+                message.nack(error=error)
+            return
+
+        if self.spec.ack is not AckPolicy.EXPLICIT:
+            message.ack()
+
+    def _on_settle(self, message: Message, outcome: Outcome) -> None:
+        tag = message.delivery.tag
+        if outcome.acked:
+            loop_call(self._loop, lambda: self.batcher.ack(tag))
+            return
+
+        info = describe_error(outcome.error) if outcome.error is not None else None
+        nack = Nack(tag, outcome.delay, info, outcome.terminal)
+        loop_call(self._loop, lambda: self.batcher.nack(nack))
+
+    async def close(self) -> None:
+        await self.batcher.drain()
+        self.invoker.shutdown()
+        self._errors.flush()
+
+
+def _hops_of(message: Message) -> int:
+    try:
+        return int(message.headers.get(HOPS_HEADER, "0"))
+    except ValueError:
+        return 0

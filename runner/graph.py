@@ -1,0 +1,61 @@
+"""The flow as a networkx DiGraph: producers -> topics -> subscribers -> topics.
+
+Nodes are `(kind, name)` tuples with kind `producer`, `topic` or `subscriber`. Edge kinds:
+`publishes` (producer or subscriber to topic), `delivers` (topic to subscriber) and
+`dead_letter` (subscriber to its dead-letter topic).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from flowrun.spec import FlowSpec
+
+Node = tuple[str, str]
+
+
+def topic(name: str) -> Node:
+    return ("topic", name)
+
+
+def subscriber(name: str) -> Node:
+    return ("subscriber", name)
+
+
+def producer(name: str) -> Node:
+    return ("producer", name)
+
+
+def build_graph(spec: FlowSpec) -> nx.DiGraph:
+    """Build the flow graph; references to undeclared topics still get a topic node."""
+    graph = nx.DiGraph(name=spec.name)
+
+    for name in spec.topics:
+        graph.add_node(topic(name), declared=True)
+
+    for name, producer_spec in spec.producers.items():
+        graph.add_node(producer(name), plugin=producer_spec.plugin)
+        for target in producer_spec.publishes:
+            graph.add_edge(producer(name), topic(target), kind="publishes")
+
+    for name, subscriber_spec in spec.subscribers.items():
+        graph.add_node(subscriber(name), plugin=subscriber_spec.plugin, mode=subscriber_spec.mode.value,
+                       ack=subscriber_spec.ack.value)
+        graph.add_edge(topic(subscriber_spec.topic), subscriber(name), kind="delivers")
+        for target in subscriber_spec.publishes:
+            graph.add_edge(subscriber(name), topic(target), kind="publishes")
+        if subscriber_spec.dead_letter:
+            graph.add_edge(subscriber(name), topic(subscriber_spec.dead_letter), kind="dead_letter")
+
+    for node, data in graph.nodes(data=True):
+        if node[0] == "topic":
+            data.setdefault("declared", False)
+    return graph
+
+
+def topic_cycles(graph: nx.DiGraph) -> list[list[str]]:
+    """Return each elementary cycle as the list of node labels along it."""
+    cycles = []
+    for cycle in nx.simple_cycles(graph):
+        cycles.append([f"{kind} '{name}'" for kind, name in cycle])
+    return cycles

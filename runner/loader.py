@@ -1,0 +1,187 @@
+"""Read a flow file into a `FlowSpec`, turning every mistake into a positioned problem."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from flowrun import problems
+from flowrun.errors import FlowFileError, FlowValidationError, Location
+from flowrun.problems import Problem
+from flowrun.spec import BrokerSpec, FlowSpec, ProducerSpec, RetrySpec, SubscriberSpec, TopicSpec
+from flowrun.yamlsource import PositionedDict, load_yaml, locate, locate_value
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_SECTION_NOUNS = {"topics": "topic", "producers": "producer", "subscribers": "subscriber"}
+_SECTION_MODELS: dict[str, type[BaseModel]] = {
+    "topics": TopicSpec,
+    "producers": ProducerSpec,
+    "subscribers": SubscriberSpec,
+}
+MAX_FILE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class LoadedFlow:
+    """A parsed flow: its spec, where it came from, and the YAML tree for positions."""
+
+    path: Path
+    display_path: str
+    spec: FlowSpec
+    document: Any = field(repr=False)
+
+    def locate(self, *keys: Any) -> Location:
+        return locate(self.document, keys, self.display_path)
+
+    def locate_value(self, *keys: Any) -> Location:
+        return locate_value(self.document, keys, self.display_path)
+
+
+def read_flow(path: str | Path) -> tuple[LoadedFlow | None, list[Problem]]:
+    """Load and schema-check a flow file; return the flow (None on errors) and every problem."""
+    display_path = str(path)
+    file_path = Path(path)
+
+    try:
+        text = _read_text(file_path, display_path)
+        document = load_yaml(text, display_path)
+    except FlowFileError as error:
+        return None, [problems.error(error.location, error.message)]
+
+    if not isinstance(document, dict):
+        found = "an empty file" if document is None else f"a {type(document).__name__}"
+        location = Location(display_path, 1, 1)
+        return None, [problems.error(location, f"a flow file must be a YAML mapping with a 'topics' key, found {found}")]
+
+    found = _check_names(document, display_path)
+    try:
+        spec = FlowSpec.model_validate(document)
+    except ValidationError as error:
+        found += [_problem_from_pydantic(item, document, display_path) for item in error.errors()]
+        return None, found
+
+    if found:
+        return None, found
+    return LoadedFlow(file_path.resolve(), display_path, spec, document), []
+
+
+def load_flow(path: str | Path) -> LoadedFlow:
+    """Load a flow file or raise FlowValidationError listing every problem."""
+    flow, found = read_flow(path)
+    if flow is None:
+        raise FlowValidationError(found)
+    return flow
+
+
+def _read_text(file_path: Path, display_path: str) -> str:
+    try:
+        if file_path.stat().st_size > MAX_FILE_BYTES:
+            raise FlowFileError(Location(display_path), f"flow file is larger than {MAX_FILE_BYTES} bytes")
+        return file_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FlowFileError(Location(display_path), "flow file not found; check the path") from None
+    except IsADirectoryError:
+        raise FlowFileError(Location(display_path), "is a directory; pass a flow file (.yaml)") from None
+    except UnicodeDecodeError as error:
+        raise FlowFileError(Location(display_path), f"flow file is not valid UTF-8 (byte {error.start})") from None
+    except OSError as error:
+        raise FlowFileError(Location(display_path), f"cannot read flow file: {error.strerror}") from None
+
+
+def _check_names(document: dict[str, Any], display_path: str) -> list[Problem]:
+    """Check section entry names and that no name is both a producer and a subscriber."""
+    found: list[Problem] = []
+
+    for section, noun in _SECTION_NOUNS.items():
+        entries = document.get(section)
+        if not isinstance(entries, dict):
+            continue
+        for name in entries:
+            if not isinstance(name, str) or not _NAME.match(name):
+                location = locate(document, (section, name), display_path)
+                message = f"invalid {noun} name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit"
+                found.append(problems.error(location, message))
+
+    producers = document.get("producers") if isinstance(document.get("producers"), dict) else {}
+    subscribers = document.get("subscribers") if isinstance(document.get("subscribers"), dict) else {}
+    for name in set(producers or {}) & set(subscribers or {}):
+        location = locate(document, ("subscribers", name), display_path)
+        found.append(problems.error(location, f"name '{name}' is used by a producer and a subscriber; rename one"))
+    return found
+
+
+def _problem_from_pydantic(item: Any, document: Any, display_path: str) -> Problem:
+    loc = tuple(item["loc"])
+    kind = item["type"]
+    where = _describe_place(loc[:-1] if loc else loc)
+
+    if kind == "extra_forbidden":
+        key = loc[-1]
+        return problems.error(locate(document, loc, display_path), f"unknown key '{key}' {where}{_suggest(key, loc[:-1])}")
+
+    if kind == "missing":
+        location = locate(document, loc[:-1], display_path)
+        return problems.error(location, f"missing required key '{loc[-1]}' {where}")
+
+    location = locate_value(document, loc, display_path)
+    message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not loc:
+        return problems.error(location, message)
+
+    value = item.get("input")
+    shown = _show_value(value)
+    return problems.error(location, f"invalid value {shown} for '{loc[-1]}' {where}: {message}")
+
+
+def _describe_place(loc: tuple[Any, ...]) -> str:
+    if not loc:
+        return "at the top level of the flow"
+
+    section = loc[0]
+    if section in _SECTION_NOUNS and len(loc) >= 2:
+        place = f"in {_SECTION_NOUNS[section]} '{loc[1]}'"
+        if len(loc) >= 3:
+            place = f"in '{'.'.join(str(part) for part in loc[2:])}' of {_SECTION_NOUNS[section]} '{loc[1]}'"
+        return place
+    return f"in '{'.'.join(str(part) for part in loc)}'"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    if not loc:
+        return FlowSpec
+    if loc == ("broker",):
+        return BrokerSpec
+    if len(loc) == 2 and loc[0] in _SECTION_MODELS:
+        return _SECTION_MODELS[loc[0]]
+    if len(loc) == 3 and loc[0] == "subscribers" and loc[2] == "retry":
+        return RetrySpec
+    return None
+
+
+def _suggest(key: Any, parent: tuple[Any, ...]) -> str:
+    model = _model_at(parent)
+    if model is None:
+        return ""
+
+    allowed = [info.alias or name for name, info in model.model_fields.items()]
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f"; allowed keys: {', '.join(sorted(allowed))}"
+
+
+def _show_value(value: Any) -> str:
+    if isinstance(value, PositionedDict | dict):
+        return "(a mapping)"
+    if isinstance(value, list):
+        return "(a list)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,334 @@
+"""Wire a loaded flow to a broker and run its producers and subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowrun import codec
+from flowrun.broker import Broker, SubscriptionConfig, Topology
+from flowrun.brokers import create_broker
+from flowrun.clock import SYSTEM_CLOCK, Clock
+from flowrun.context import Context
+from flowrun.delivery import SubscriptionWorker
+from flowrun.errors import FlowrunError, HopLimitError, PluginError
+from flowrun.loader import LoadedFlow
+from flowrun.message import HOPS_HEADER, Envelope
+from flowrun.outgoing import Outgoing
+from flowrun.plugins import Handler, Invoker, Producer, resolve
+
+logger = logging.getLogger(__name__)
+
+SYNC_ITERATOR_CHUNK = 256
+DRAIN_CHECK_SECONDS = 0.02
+
+
+def build_topology(flow: LoadedFlow) -> Topology:
+    """Translate the flow spec into what a broker declares."""
+    spec = flow.spec
+    subscriptions = []
+    for name, sub in spec.subscribers.items():
+        topic_spec = spec.topics[sub.topic]
+        subscriptions.append(SubscriptionConfig(
+            name=name,
+            topic=sub.topic,
+            ack=sub.ack,
+            ack_timeout=sub.ack_timeout,
+            max_deliveries=sub.max_deliveries,
+            dead_letter=sub.dead_letter,
+            retry=sub.retry,
+            max_pending=topic_spec.max_pending,
+            on_full=topic_spec.on_full,
+            plugin=sub.plugin,
+        ))
+    return Topology(spec.name, tuple(spec.topics), tuple(subscriptions))
+
+
+@dataclass
+class RunResult:
+    """What `flowrun up` reports: the broker's counters and anything that failed."""
+
+    report: dict[str, Any]
+    failures: list[str] = field(default_factory=list)
+
+
+class FlowRuntime:
+    """Runs one flow: producers publish, subscription workers deliver, until stopped or drained."""
+
+    def __init__(
+        self,
+        flow: LoadedFlow,
+        broker: Broker | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        only: set[str] | None = None,
+    ) -> None:
+        self.flow = flow
+        self.clock = clock
+        self.broker = broker or create_broker(flow.spec.broker, flow.path, clock)
+        self.only = only
+        self.workers: dict[str, SubscriptionWorker] = {}
+        self.failures: list[str] = []
+        self.stop_requested = asyncio.Event()
+        self._producers: dict[str, tuple[Producer, Context, Invoker]] = {}
+        self._producer_tasks: dict[str, asyncio.Task[None]] = {}
+        self._handlers: dict[str, tuple[Handler, Context]] = {}
+        self._started = False
+
+    def _selected(self, name: str) -> bool:
+        return self.only is None or name in self.only
+
+    # Starting
+
+    async def start(self) -> None:
+        """Declare the topology, load and set up plugins, then start delivering and producing."""
+        loop = asyncio.get_running_loop()
+        await self.broker.start(build_topology(self.flow))
+        self._started = True
+
+        self._load_plugins(loop)
+        for name, (handler, context) in self._handlers.items():
+            invoker = Invoker(name, 1)
+            try:
+                await handler.setup(invoker, context)
+            except Exception as error:
+                raise PluginError(handler.reference, f"setup() of subscriber '{name}' failed: {error}") from error
+            finally:
+                invoker.shutdown()
+
+        for name, (producer, context, invoker) in self._producers.items():
+            try:
+                await producer.setup(invoker, context)
+            except Exception as error:
+                raise PluginError(producer.reference, f"setup() of producer '{name}' failed: {error}") from error
+
+        self._start_workers()
+        for name in self._producers:
+            self._producer_tasks[name] = asyncio.create_task(self._run_producer(name), name=f"flowrun-producer-{name}")
+
+    def _load_plugins(self, loop: asyncio.AbstractEventLoop) -> None:
+        spec = self.flow.spec
+        search_path = self.flow.path.parent
+
+        for name, sub in spec.subscribers.items():
+            if not self._selected(name):
+                continue
+            location = self.flow.locate_value("subscribers", name, "plugin")
+            handler = _with_location(lambda: Handler(sub.plugin, resolve(sub.plugin, search_path)), location)
+            self._handlers[name] = (handler, self._context(name, sub.with_, sub.publishes, loop))
+
+        for name, producer_spec in spec.producers.items():
+            if not self._selected(name):
+                continue
+            location = self.flow.locate_value("producers", name, "plugin")
+            producer = _with_location(lambda: Producer(producer_spec.plugin, resolve(producer_spec.plugin, search_path)),
+                                      location)
+            context = self._context(name, producer_spec.with_, producer_spec.publishes, loop)
+            self._producers[name] = (producer, context, Invoker(name, 1))
+
+    def _context(self, name: str, options: dict[str, Any], publishes: list[str], loop: asyncio.AbstractEventLoop) -> Context:
+        return Context(name, options, publishes, self.publish, loop, self.clock, self.flow.path, self.flow.spec.name)
+
+    def _start_workers(self) -> None:
+        topology = self.broker.topology
+        assert topology is not None
+        for name, (handler, context) in self._handlers.items():
+            sub = self.flow.spec.subscribers[name]
+            worker = SubscriptionWorker(name, sub, topology.subscription(name), self.broker, handler, context,
+                                        self.flow.spec.max_hops)
+            self.workers[name] = worker
+            worker.start()
+
+    # Publishing
+
+    async def publish(
+        self, topic: str, payload: Any, key: str | None = None, headers: dict[str, str] | None = None,
+        message_id: str | None = None,
+    ) -> str:
+        """Encode and store one message; the single path every publish takes."""
+        envelope = self._envelope(topic, payload, key, headers, message_id)
+        await self.broker.publish([envelope])
+        return envelope.id
+
+    def _envelope(
+        self, topic: str, payload: Any, key: str | None, headers: dict[str, str] | None, message_id: str | None
+    ) -> Envelope:
+        headers = headers or {}
+        hops = int(headers.get(HOPS_HEADER, "0") or 0)
+        if hops > self.flow.spec.max_hops:
+            raise HopLimitError(
+                f"message to topic '{topic}' passed {hops} handlers, above max_hops {self.flow.spec.max_hops}; "
+                "the flow loops, so the message goes to the dead-letter topic"
+            )
+        body = codec.encode(payload, topic)
+        return Envelope(message_id or uuid.uuid4().hex, topic, body, key, headers, self.clock.wall())
+
+    # Producers
+
+    async def _run_producer(self, name: str) -> None:
+        producer, context, invoker = self._producers[name]
+        logger.info("producer '%s' started", name)
+        try:
+            result = await self._start_producer(producer, context, invoker)
+            if inspect.isawaitable(result):
+                await result
+            elif hasattr(result, "__aiter__"):
+                await self._publish_async_items(name, context, result)
+            elif hasattr(result, "__next__") or hasattr(result, "__iter__"):
+                await self._publish_sync_items(name, context, invoker, iter(result))
+            elif result is not None:
+                raise PluginError(producer.reference, f"run() returned {type(result).__name__}; "
+                                  "return an iterator or async iterator of payloads, or publish via context.publish")
+            logger.info("producer '%s' finished", name)
+        except asyncio.CancelledError:
+            logger.info("producer '%s' stopped", name)
+            raise
+        except Exception as error:
+            logger.error("producer '%s' failed: %s: %s", name, type(error).__name__, error, exc_info=not isinstance(error, FlowrunError))
+            self.failures.append(f"producer '{name}' failed: {type(error).__name__}: {error}")
+
+    async def _start_producer(self, producer: Producer, context: Context, invoker: Invoker) -> Any:
+        function = producer.function
+        if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function) or inspect.isgeneratorfunction(function):
+            return producer.start(context)
+        return await invoker.call(producer.start, context)
+
+    def _route(self, name: str, context: Context, item: Any) -> tuple[str, Any, str | None, dict[str, str] | None, str | None]:
+        if isinstance(item, Outgoing):
+            return item.topic, item.payload, item.key, item.headers, item.id
+        if len(context.publishes) != 1:
+            raise FlowrunError(f"producer '{name}' publishes to {len(context.publishes)} topics, so each item "
+                               "must be a flowrun.Outgoing naming its topic")
+        return context.publishes[0], item, None, None, None
+
+    async def _publish_async_items(self, name: str, context: Context, items: AsyncIterator[Any]) -> None:
+        async for item in items:
+            await context.publish(*self._route(name, context, item))
+
+    async def _publish_sync_items(self, name: str, context: Context, invoker: Invoker, items: Iterator[Any]) -> None:
+        # Sync iterators may block (files, network), so chunks of items are read on a thread.
+        while True:
+            chunk = await invoker.call(_take, items, SYNC_ITERATOR_CHUNK)
+            for item in chunk:
+                await context.publish(*self._route(name, context, item))
+            if len(chunk) < SYNC_ITERATOR_CHUNK:
+                return
+
+    @property
+    def producers_done(self) -> bool:
+        return all(task.done() for task in self._producer_tasks.values())
+
+    # Running and stopping
+
+    async def drained(self) -> bool:
+        """Whether producers finished and every subscription is empty with nothing in flight."""
+        if not self.producers_done:
+            return False
+        if not all(worker.idle for worker in self.workers.values()):
+            return False
+        report = await self.broker.stats()
+        for name, counts in report["subscriptions"].items():
+            if self.only is not None and name not in self.only:
+                continue
+            if counts["pending"] or counts["in_flight"]:
+                return False
+        return True
+
+    async def wait(self, until_drained: bool) -> None:
+        """Return when a stop was requested or, with `until_drained`, when the flow drained."""
+        while not self.stop_requested.is_set():
+            if until_drained and await self.drained():
+                return
+            await self.clock.wait(self.stop_requested, DRAIN_CHECK_SECONDS if until_drained else None)
+
+    async def stop(self) -> RunResult:
+        """Stop producers, let running handlers finish within shutdown_timeout, close everything."""
+        for context in [context for _, context, _ in self._producers.values()]:
+            context.stopping.set()
+        for task in self._producer_tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._producer_tasks.values(), return_exceptions=True)
+
+        for worker in self.workers.values():
+            worker.context.stopping.set()
+            await worker.stop_fetching()
+        await self._finish_handlers()
+
+        for worker in self.workers.values():
+            await worker.close()
+        await self._close_plugins()
+
+        report = await self.broker.stats() if self._started else {"topics": {}, "subscriptions": {}}
+        await self.broker.close()
+        return RunResult(report, list(self.failures))
+
+    async def _finish_handlers(self) -> None:
+        running = set().union(*(worker.running for worker in self.workers.values())) if self.workers else set()
+        if not running:
+            return
+
+        timeout = self.flow.spec.shutdown_timeout
+        logger.info("waiting up to %gs for %d running handlers", timeout, len(running))
+        done, pending = await asyncio.wait(running, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.warning("cancelled %d handlers still running after %gs; their messages stay unacked", len(pending), timeout)
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _close_plugins(self) -> None:
+        for name, (handler, _) in self._handlers.items():
+            invoker = Invoker(name, 1)
+            try:
+                await handler.close(invoker)
+            except Exception as error:  # noqa: BLE001 - a failing close() must not stop the others
+                logger.error("close() of subscriber '%s' failed: %s", name, error)
+            finally:
+                invoker.shutdown()
+
+        for name, (producer, _, invoker) in self._producers.items():
+            try:
+                await producer.close(invoker)
+            except Exception as error:  # noqa: BLE001 - a failing close() must not stop the others
+                logger.error("close() of producer '%s' failed: %s", name, error)
+            finally:
+                invoker.shutdown()
+
+
+def _take(items: Iterator[Any], count: int) -> list[Any]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= count:
+            break
+    return chunk
+
+
+def _with_location(build: Any, location: Any) -> Any:
+    try:
+        return build()
+    except PluginError as error:
+        if error.location is None:
+            raise PluginError(error.reference, error.detail, location) from error.__cause__
+        raise
+
+
+async def run_flow(
+    flow: LoadedFlow,
+    until_drained: bool = False,
+    broker: Broker | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    only: set[str] | None = None,
+) -> RunResult:
+    """Start a flow, wait until it drains (or forever), then stop it and return the report."""
+    runtime = FlowRuntime(flow, broker=broker, clock=clock, only=only)
+    try:
+        await runtime.start()
+        await runtime.wait(until_drained)
+    finally:
+        result = await runtime.stop()
+    return result

@@ -1,0 +1,144 @@
+"""Check a loaded flow beyond its schema: references, plugins and the graph."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Iterable
+
+from flowrun import problems
+from flowrun.errors import PluginError
+from flowrun.graph import build_graph, topic, topic_cycles
+from flowrun.loader import LoadedFlow, read_flow
+from flowrun.plugins import Handler, Producer, resolve
+from flowrun.problems import Problem
+from flowrun.spec import AckPolicy, DeliveryMode
+
+logger = logging.getLogger(__name__)
+
+
+def validate_file(path: str, import_plugins: bool = True) -> list[Problem]:
+    """Load and check one flow file; return every problem found, sorted by position."""
+    flow, found = read_flow(path)
+    if flow is not None:
+        found = check_flow(flow, import_plugins)
+    return sorted(found, key=lambda problem: (problem.location.line, problem.location.column))
+
+
+def check_flow(flow: LoadedFlow, import_plugins: bool = True) -> list[Problem]:
+    """Check references, plugins and the graph of a flow that passed the schema."""
+    found = check_references(flow)
+    found += check_graph(flow)
+    found += check_settings(flow)
+    if import_plugins:
+        found += check_plugins(flow)
+    return found
+
+
+def _unknown_topic(flow: LoadedFlow, name: str, role: str) -> str:
+    close = difflib.get_close_matches(name, list(flow.spec.topics), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else "; declare it under topics"
+    return f"{role} names undeclared topic '{name}'{hint}"
+
+
+def check_references(flow: LoadedFlow) -> list[Problem]:
+    spec = flow.spec
+    found: list[Problem] = []
+
+    for name, producer_spec in spec.producers.items():
+        for index, target in enumerate(producer_spec.publishes):
+            if target not in spec.topics:
+                location = flow.locate("producers", name, "publishes", index)
+                found.append(problems.error(location, _unknown_topic(flow, target, f"producer '{name}' publishes")))
+
+    for name, sub in spec.subscribers.items():
+        if sub.topic not in spec.topics:
+            location = flow.locate_value("subscribers", name, "topic")
+            found.append(problems.error(location, _unknown_topic(flow, sub.topic, f"subscriber '{name}'")))
+        if sub.dead_letter is not None and sub.dead_letter not in spec.topics:
+            location = flow.locate_value("subscribers", name, "dead_letter")
+            role = f"dead_letter of subscriber '{name}'"
+            found.append(problems.error(location, _unknown_topic(flow, sub.dead_letter, role)))
+        if sub.dead_letter is not None and sub.dead_letter == sub.topic:
+            location = flow.locate_value("subscribers", name, "dead_letter")
+            found.append(problems.error(location, f"subscriber '{name}' dead-letters into its own topic '{sub.topic}'; "
+                                                  "choose another topic so failed messages stop looping"))
+        for index, target in enumerate(sub.publishes):
+            if target not in spec.topics:
+                location = flow.locate("subscribers", name, "publishes", index)
+                found.append(problems.error(location, _unknown_topic(flow, target, f"subscriber '{name}' publishes")))
+    return found
+
+
+def check_graph(flow: LoadedFlow) -> list[Problem]:
+    spec = flow.spec
+    graph = build_graph(spec)
+    found: list[Problem] = []
+
+    cycles = topic_cycles(graph)
+    if cycles and not spec.allow_cycles:
+        for cycle in cycles:
+            path = " -> ".join(cycle + cycle[:1])
+            first_subscriber = next(label for label in cycle if label.startswith("subscriber"))
+            name = first_subscriber.split("'")[1]
+            location = flow.locate("subscribers", name)
+            found.append(problems.error(
+                location,
+                f"cycle {path}; if the loop is intended set 'allow_cycles: true' (max_hops, now {spec.max_hops}, "
+                "then stops runaway messages)",
+            ))
+
+    for name in spec.topics:
+        node = topic(name)
+        consumers = [target for target in graph.successors(node)]
+        if not consumers:
+            found.append(problems.warning(flow.locate("topics", name),
+                                          f"topic '{name}' has no subscribers, so its messages are counted and discarded"))
+        feeders = [source for source in graph.predecessors(node)]
+        if not feeders:
+            found.append(problems.warning(flow.locate("topics", name),
+                                          f"topic '{name}' has no producer or publishing subscriber"))
+    return found
+
+
+def check_settings(flow: LoadedFlow) -> list[Problem]:
+    """Warn about settings that have no effect or a surprising one."""
+    found: list[Problem] = []
+    for name, sub in flow.spec.subscribers.items():
+        fields = sub.model_fields_set
+        if sub.ack is AckPolicy.NONE:
+            for key in ("dead_letter", "max_deliveries", "retry", "ack_timeout"):
+                if key in fields:
+                    found.append(problems.warning(flow.locate("subscribers", name, key),
+                                                  f"'{key}' has no effect in subscriber '{name}' with ack: none "
+                                                  "(at-most-once: messages are never redelivered)"))
+        if sub.mode is DeliveryMode.PUSH:
+            for key in ("batch_size", "max_wait"):
+                if key in fields:
+                    found.append(problems.warning(flow.locate("subscribers", name, key),
+                                                  f"'{key}' applies to pull mode only; subscriber '{name}' is push"))
+            if sub.max_in_flight is not None and sub.max_in_flight < sub.concurrency:
+                found.append(problems.warning(flow.locate("subscribers", name, "max_in_flight"),
+                                              f"max_in_flight {sub.max_in_flight} is below concurrency {sub.concurrency} "
+                                              f"in subscriber '{name}', so {sub.concurrency - sub.max_in_flight} workers stay idle"))
+        elif "max_in_flight" in fields:
+            found.append(problems.warning(flow.locate("subscribers", name, "max_in_flight"),
+                                          f"'max_in_flight' applies to push mode only; subscriber '{name}' is pull"))
+    return found
+
+
+def check_plugins(flow: LoadedFlow) -> list[Problem]:
+    """Import every plugin the flow names and check it has a supported shape."""
+    found: list[Problem] = []
+    search_path = flow.path.parent
+    entries: Iterable[tuple[str, str, type[Handler] | type[Producer]]] = [
+        *(("producers", name, Producer) for name in flow.spec.producers),
+        *(("subscribers", name, Handler) for name in flow.spec.subscribers),
+    ]
+    for section, name, shape in entries:
+        reference = getattr(flow.spec, section)[name].plugin
+        try:
+            shape(reference, resolve(reference, search_path))
+        except PluginError as error:
+            found.append(problems.error(flow.locate_value(section, name, "plugin"), str(error)))
+    return found
