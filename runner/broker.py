@@ -46,6 +46,7 @@ class SubscriptionConfig:
     retry: RetrySpec = field(default_factory=RetrySpec)
     max_pending: int = 10_000
     on_full: OnFull = OnFull.BLOCK
+    ordered: bool = False
     plugin: str = ""
 
     def backoff(self, delivery_count: int) -> float:
@@ -141,6 +142,7 @@ class Broker(abc.ABC):
         self.clock = clock
         self.topology: Topology | None = None
         self._consumers: dict[str, list[FetchConsumer]] = {}
+        self._producer_states: dict[str, bool] = {}
 
     @abc.abstractmethod
     async def start(self, topology: Topology) -> None:
@@ -169,6 +171,14 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def stats(self) -> dict[str, Any]:
         """Counters in the report shape: topics with published, subscriptions with counts."""
+
+    async def set_producer_state(self, name: str, finished: bool) -> None:
+        """Record whether a producer finished, for processes that drain without running it."""
+        self._producer_states[name] = finished
+
+    async def producers_finished(self, names: Sequence[str]) -> bool:
+        """Whether every named producer recorded that it finished."""
+        return all(self._producer_states.get(name, False) for name in names)
 
     def consume(self, subscription: str, callback: DeliveryCallback, max_in_flight: int) -> FetchConsumer:
         """Start push delivery of `subscription` to `callback`, at most `max_in_flight` unacked."""

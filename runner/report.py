@@ -36,8 +36,20 @@ def print_summary(report: dict[str, Any], console: Console) -> None:
     console.print(summary_table(report))
 
 
+REPORT_KEYS = ("topic", "delivered", "acked", "redelivered", "dead_lettered", "dropped", "in_flight", "pending")
+
+
+def report_shape(report: dict[str, Any]) -> dict[str, Any]:
+    """Keep the documented report keys, the same on every backend."""
+    subscriptions = {
+        name: {key: counts[key] for key in REPORT_KEYS} for name, counts in report.get("subscriptions", {}).items()
+    }
+    return {"topics": report.get("topics", {}), "subscriptions": subscriptions}
+
+
 def write_report(report: dict[str, Any], path: Path) -> None:
     """Write the report as JSON, atomically, so a reader never sees half a file."""
+    report = report_shape(report)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     temporary.replace(path)

@@ -44,6 +44,7 @@ def build_topology(flow: LoadedFlow) -> Topology:
             retry=sub.retry,
             max_pending=topic_spec.max_pending,
             on_full=topic_spec.on_full,
+            ordered=sub.ordered,
             plugin=sub.plugin,
         ))
     return Topology(spec.name, tuple(spec.topics), tuple(subscriptions))
@@ -69,7 +70,7 @@ class FlowRuntime:
     ) -> None:
         self.flow = flow
         self.clock = clock
-        self.broker = broker or create_broker(flow.spec.broker, flow.path, clock)
+        self.broker = broker or create_broker(flow.spec.broker, flow.path, flow.spec.name, clock)
         self.only = only
         self.workers: dict[str, SubscriptionWorker] = {}
         self.failures: list[str] = []
@@ -108,6 +109,7 @@ class FlowRuntime:
 
         self._start_workers()
         for name in self._producers:
+            await self.broker.set_producer_state(name, False)
             self._producer_tasks[name] = asyncio.create_task(self._run_producer(name), name=f"flowrun-producer-{name}")
 
     def _load_plugins(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -184,12 +186,15 @@ class FlowRuntime:
                 raise PluginError(producer.reference, f"run() returned {type(result).__name__}; "
                                   "return an iterator or async iterator of payloads, or publish via context.publish")
             logger.info("producer '%s' finished", name)
+            await self.broker.set_producer_state(name, True)
         except asyncio.CancelledError:
             logger.info("producer '%s' stopped", name)
             raise
         except Exception as error:
             logger.error("producer '%s' failed: %s: %s", name, type(error).__name__, error, exc_info=not isinstance(error, FlowrunError))
             self.failures.append(f"producer '{name}' failed: {type(error).__name__}: {error}")
+            # A failed producer publishes nothing more, so waiting for it cannot end.
+            await self.broker.set_producer_state(name, True)
 
     async def _start_producer(self, producer: Producer, context: Context, invoker: Invoker) -> Any:
         function = producer.function
@@ -227,6 +232,8 @@ class FlowRuntime:
     async def drained(self) -> bool:
         """Whether producers finished and every subscription is empty with nothing in flight."""
         if not self.producers_done:
+            return False
+        if not await self.broker.producers_finished(list(self.flow.spec.producers)):
             return False
         if not all(worker.idle for worker in self.workers.values()):
             return False

@@ -63,11 +63,13 @@ class RetrySpec(StrictModel):
 class BrokerSpec(StrictModel):
     """Which broker carries the flow's messages."""
 
-    backend: str = Field("memory", description="Broker backend: memory.")
+    backend: str = Field("sqlite", description="Broker backend: sqlite (durable, the default) or memory.")
     url: str | None = Field(
         None, description="Server URL for networked backends; write secrets as ${ENV_VAR} references."
     )
-    path: str | None = Field(None, description="Database path for file-based backends, relative to the flow file.")
+    path: str | None = Field(
+        None, description="SQLite database path, relative to the flow file (default .flowrun/NAME.db beside it)."
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific options.")
 
 
@@ -113,6 +115,9 @@ class SubscriberSpec(StrictModel):
     max_wait: Duration = Field(1.0, description="Pull: longest wait of a fetch on an empty queue.")
     handler_timeout: Duration | None = Field(
         None, description="Cancel a handler call after this time and count it as failed."
+    )
+    ordered: bool = Field(
+        False, description="Handle messages of one key in publish order; a retried message holds back only its key."
     )
     publishes: list[str] = Field(default_factory=list, description="Topics the handler may publish to.")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="Options passed to the plugin.")
