@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.live import Live
 
 from flowrun.errors import FlowrunError, FlowValidationError
+from flowrun.inspect_cli import DlqAction, print_dead_letters, print_status, with_broker
 from flowrun.loader import load_flow
 from flowrun.logs import configure_logging
 from flowrun.plugins import installed_plugins
@@ -94,13 +95,58 @@ def up(
 
 
 @app.command()
+def status(
+    flow_path: Annotated[str, typer.Argument(metavar="FLOW", help="The flow file whose broker to inspect.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show per subscription: pending, in flight, delayed, dead-lettered, oldest pending age."""
+    flow = _load_or_exit(flow_path, check_plugins=False)
+    report = _inspect(flow, lambda broker: broker.stats())
+    print_status(report, as_json, stdout)
+
+
+@app.command()
+def dlq(
+    flow_path: Annotated[str, typer.Argument(metavar="FLOW", help="The flow file whose dead letters to manage.")],
+    action: Annotated[DlqAction, typer.Argument(help="list, replay (back to their subscription) or purge.")],
+    subscription: Annotated[str | None, typer.Option("--subscription", help="Only this subscription's dead letters.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="list: print JSON.")] = False,
+) -> None:
+    """List dead letters with their error headers, replay them, or purge them."""
+    flow = _load_or_exit(flow_path, check_plugins=False)
+    if subscription is not None and subscription not in flow.spec.subscribers:
+        raise typer.BadParameter(
+            f"unknown subscription '{subscription}'; choose from {', '.join(flow.spec.subscribers)}",
+            param_hint="--subscription",
+        )
+
+    if action is DlqAction.LIST:
+        letters = _inspect(flow, lambda broker: broker.dead_letters(subscription))
+        print_dead_letters(letters, as_json, stdout)
+    elif action is DlqAction.REPLAY:
+        count = _inspect(flow, lambda broker: broker.replay_dead_letters(subscription))
+        stdout.print(f"replayed {count} dead letters")
+    else:
+        count = _inspect(flow, lambda broker: broker.purge_dead_letters(subscription))
+        stdout.print(f"purged {count} dead letters")
+
+
+def _inspect(flow: Any, work: Any) -> Any:
+    try:
+        return asyncio.run(with_broker(flow, work))
+    except FlowrunError as error:
+        stderr.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def plugins() -> None:
     """List the plugins installed in the flowrun.plugins entry point group."""
     for point in installed_plugins():
         print(f"{point.name}\t{point.value}")
 
 
-def _load_or_exit(flow_path: str) -> Any:
+def _load_or_exit(flow_path: str, check_plugins: bool = True) -> Any:
     try:
         flow = load_flow(flow_path)
     except FlowValidationError as error:
@@ -108,7 +154,7 @@ def _load_or_exit(flow_path: str) -> Any:
             print(problem, file=sys.stderr)
         raise typer.Exit(1) from None
 
-    found = [problem for problem in check_flow(flow) if problem.is_error]
+    found = [problem for problem in check_flow(flow, import_plugins=check_plugins) if problem.is_error]
     if found:
         for problem in found:
             print(problem, file=sys.stderr)

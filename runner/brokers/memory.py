@@ -50,6 +50,8 @@ class _Queue:
         self.ready: deque[_Entry] = deque()
         self.delayed = 0
         self.in_flight: dict[int, _InFlight] = {}
+        # Ordered subscriptions: keys with a message in flight or waiting for a retry.
+        self.busy_keys: dict[str, int] = {}
         self.not_empty = asyncio.Event()
         self.room = asyncio.Event()
         self.room.set()
@@ -146,17 +148,35 @@ class MemoryBroker(Broker):
         queue = self._queue(subscription)
         deadline = self.clock.monotonic() + timeout
 
-        while not queue.ready:
+        while True:
+            entries = self._take(queue, max_messages)
+            if entries:
+                return [self._deliver(queue, entry) for entry in entries]
+
             remaining = deadline - self.clock.monotonic()
             if self._closed or remaining <= 0:
                 return []
             queue.not_empty.clear()
             await self.clock.wait(queue.not_empty, remaining)
 
-        deliveries = [self._deliver(queue, queue.ready.popleft()) for _ in range(min(max_messages, len(queue.ready)))]
-        if not queue.ready:
-            queue.not_empty.clear()
-        return deliveries
+    def _take(self, queue: _Queue, max_messages: int) -> list[_Entry]:
+        if not queue.config.ordered:
+            return [queue.ready.popleft() for _ in range(min(max_messages, len(queue.ready)))]
+
+        # Skip messages whose key is busy; they keep their place at the front.
+        taken: list[_Entry] = []
+        skipped: list[_Entry] = []
+        while queue.ready and len(taken) < max_messages:
+            entry = queue.ready.popleft()
+            key = entry.envelope.key
+            if key is not None and key in queue.busy_keys:
+                skipped.append(entry)
+                continue
+            if key is not None:
+                queue.busy_keys[key] = 1
+            taken.append(entry)
+        queue.ready.extendleft(reversed(skipped))
+        return taken
 
     def _deliver(self, queue: _Queue, entry: _Entry) -> Delivery:
         now = self.clock.monotonic()
@@ -186,11 +206,13 @@ class MemoryBroker(Broker):
         queue = self._queue(subscription)
         counters = self.counters.subscriptions[subscription]
         for tag in tags:
-            if queue.in_flight.pop(tag, None) is None:
+            flight = queue.in_flight.pop(tag, None)
+            if flight is None:
                 logger.debug("ignored ack of unknown or expired delivery %s on '%s'", tag, subscription)
                 continue
             counters.acked += 1
             self._released(subscription, tag)
+            self._free_key(queue, flight.entry)
         queue.update_room()
 
     async def nack(self, subscription: str, nacks: Sequence[Nack]) -> None:
@@ -211,13 +233,13 @@ class MemoryBroker(Broker):
         exhausted = entry.delivery_count >= config.max_deliveries
 
         if terminal or exhausted or config.ack is AckPolicy.NONE:
+            self._free_key(queue, entry)
             self._give_up(queue, flight)
             return
 
         wait = config.backoff(entry.delivery_count) if delay is None else max(delay, 0.0)
         if wait <= 0:
-            queue.ready.append(entry)
-            queue.not_empty.set()
+            self._requeue(queue, entry)
             return
 
         queue.delayed += 1
@@ -257,6 +279,19 @@ class MemoryBroker(Broker):
             queue.not_empty.set()
         self.counters.published[envelope.topic] += 1
 
+    def _requeue(self, queue: _Queue, entry: _Entry) -> None:
+        """Put a message to be retried at the front: it is older than everything waiting."""
+        if entry.envelope.key is not None:
+            queue.busy_keys.pop(entry.envelope.key, None)
+        queue.ready.appendleft(entry)
+        queue.not_empty.set()
+
+    def _free_key(self, queue: _Queue, entry: _Entry) -> None:
+        if queue.config.ordered and entry.envelope.key is not None:
+            queue.busy_keys.pop(entry.envelope.key, None)
+            if queue.ready:
+                queue.not_empty.set()
+
     # Timers
 
     def _schedule(self, due: float, subscription: str, tag: int, entry: _Entry | None) -> None:
@@ -281,8 +316,7 @@ class MemoryBroker(Broker):
 
         if entry is not None:
             queue.delayed -= 1
-            queue.ready.append(entry)
-            queue.not_empty.set()
+            self._requeue(queue, entry)
             return
 
         flight = queue.in_flight.pop(tag, None)
