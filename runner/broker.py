@@ -94,6 +94,8 @@ class Nack:
     delay: float | None = None
     error: ErrorInfo | None = None
     terminal: bool = False
+    dead_letter: bool = True
+    """With `terminal`: send to the dead-letter topic (True) or drop (False)."""
 
 
 DEAD_LETTER_HEADERS = (

@@ -26,7 +26,7 @@ from flowrun.errors import HopLimitError, PayloadError
 from flowrun.logs import RepeatLimiter
 from flowrun.message import HOPS_HEADER, Delivery, Message, Outcome, loop_call
 from flowrun.plugins import Handler, Invoker
-from flowrun.spec import AckPolicy, DeliveryMode, SubscriberSpec
+from flowrun.spec import AckPolicy, DeliveryMode, ErrorAction, SubscriberSpec
 
 logger = logging.getLogger(__name__)
 
@@ -246,14 +246,28 @@ class SubscriptionWorker:
 
     def _apply_policy(self, message: Message, error: BaseException | None) -> None:
         if error is not None:
-            if isinstance(error, TERMINAL_ERRORS):
+            action = self._error_action(error)
+            if action is ErrorAction.DEAD_LETTER:
                 message.reject(error)
+            elif action is ErrorAction.DROP:
+                message.drop(error)
             else:
                 message.nack(error=error)
             return
 
         if self.spec.ack is not AckPolicy.EXPLICIT:
             message.ack()
+
+    def _error_action(self, error: BaseException) -> ErrorAction:
+        """Look up the error's class, then its bases, in the subscription's error routes."""
+        routes = self.spec.errors
+        for kind in type(error).__mro__:
+            for name in (f"{kind.__module__}.{kind.__qualname__}", kind.__qualname__):
+                if name in routes:
+                    return routes[name]
+        if isinstance(error, TERMINAL_ERRORS):
+            return ErrorAction.DEAD_LETTER
+        return ErrorAction.RETRY
 
     def _on_settle(self, message: Message, outcome: Outcome) -> None:
         tag = message.delivery.tag
@@ -262,7 +276,7 @@ class SubscriptionWorker:
             return
 
         info = describe_error(outcome.error) if outcome.error is not None else None
-        nack = Nack(tag, outcome.delay, info, outcome.terminal)
+        nack = Nack(tag, outcome.delay, info, outcome.terminal, outcome.dead_letter)
         loop_call(self._loop, lambda: self.batcher.nack(nack))
 
     async def close(self) -> None:

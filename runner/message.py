@@ -40,15 +40,17 @@ class Delivery:
 class Outcome:
     """How a handler settled a delivery: ack, or nack with an optional delay and error."""
 
-    __slots__ = ("acked", "delay", "error", "terminal")
+    __slots__ = ("acked", "delay", "error", "terminal", "dead_letter")
 
     def __init__(
-        self, acked: bool, delay: float | None = None, error: BaseException | None = None, terminal: bool = False
+        self, acked: bool, delay: float | None = None, error: BaseException | None = None, terminal: bool = False,
+        dead_letter: bool = True,
     ) -> None:
         self.acked = acked
         self.delay = delay
         self.error = error
         self.terminal = terminal
+        self.dead_letter = dead_letter
 
 
 class Message:
@@ -125,6 +127,10 @@ class Message:
     def reject(self, error: BaseException | None = None) -> None:
         """Send the message straight to its dead-letter topic (or drop it) without retrying."""
         self._settle(Outcome(acked=False, error=error, terminal=True))
+
+    def drop(self, error: BaseException | None = None) -> None:
+        """Discard the message without retrying or dead-lettering it; it counts as dropped."""
+        self._settle(Outcome(acked=False, error=error, terminal=True, dead_letter=False))
 
     def _settle(self, outcome: Outcome) -> None:
         with self._lock:

@@ -43,6 +43,14 @@ class OnFull(str, enum.Enum):
     REJECT = "reject"
 
 
+class ErrorAction(str, enum.Enum):
+    """What happens to a message whose handler raised a given exception."""
+
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+    DROP = "drop"
+
+
 class RetrySpec(StrictModel):
     """Backoff between deliveries of a message that failed or timed out."""
 
@@ -115,6 +123,11 @@ class SubscriberSpec(StrictModel):
     max_wait: Duration = Field(1.0, description="Pull: longest wait of a fetch on an empty queue.")
     handler_timeout: Duration | None = Field(
         None, description="Cancel a handler call after this time and count it as failed."
+    )
+    errors: dict[str, ErrorAction] = Field(
+        default_factory=dict,
+        description="Exception class (qualified name, e.g. pydantic.ValidationError) to retry, dead_letter or drop; "
+        "the most specific class in the exception's hierarchy wins, unlisted errors retry.",
     )
     ordered: bool = Field(
         False, description="Handle messages of one key in publish order; a retried message holds back only its key."

@@ -6,7 +6,10 @@ import difflib
 import logging
 from collections.abc import Iterable
 
+from pydantic import ValidationError
+
 from flowrun import problems
+from flowrun.brokers import BACKEND_OPTIONS, BACKENDS
 from flowrun.errors import PluginError
 from flowrun.graph import build_graph, topic, topic_cycles
 from flowrun.loader import LoadedFlow, read_flow
@@ -101,9 +104,32 @@ def check_graph(flow: LoadedFlow) -> list[Problem]:
     return found
 
 
+def check_broker(flow: LoadedFlow) -> list[Problem]:
+    """Check the backend name and its options."""
+    broker = flow.spec.broker
+    if broker.backend not in BACKEND_OPTIONS:
+        return [problems.error(flow.locate_value("broker", "backend"),
+                               f"unknown broker backend '{broker.backend}'; choose one of {', '.join(BACKENDS)}")]
+    try:
+        BACKEND_OPTIONS[broker.backend].model_validate(broker.options)
+    except ValidationError as error:
+        found = []
+        for item in error.errors():
+            key = ".".join(str(part) for part in item["loc"])
+            message = str(item["msg"]).removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                allowed = ", ".join(BACKEND_OPTIONS[broker.backend].model_fields) or "none"
+                message = f"unknown option '{key}' for the {broker.backend} backend; allowed: {allowed}"
+            else:
+                message = f"invalid value for option '{key}' of the {broker.backend} backend: {message}"
+            found.append(problems.error(flow.locate("broker", "options", *item["loc"]), message))
+        return found
+    return []
+
+
 def check_settings(flow: LoadedFlow) -> list[Problem]:
     """Warn about settings that have no effect or a surprising one."""
-    found: list[Problem] = []
+    found: list[Problem] = check_broker(flow)
     for name, sub in flow.spec.subscribers.items():
         fields = sub.model_fields_set
         if sub.ack is AckPolicy.NONE:

@@ -224,17 +224,19 @@ class MemoryBroker(Broker):
                 continue
             flight.entry.last_error = nack.error
             self._released(subscription, nack.tag)
-            self._retry_or_give_up(queue, flight, nack.delay, nack.terminal)
+            self._retry_or_give_up(queue, flight, nack.delay, nack.terminal, nack.dead_letter)
         queue.update_room()
 
-    def _retry_or_give_up(self, queue: _Queue, flight: _InFlight, delay: float | None, terminal: bool) -> None:
+    def _retry_or_give_up(
+        self, queue: _Queue, flight: _InFlight, delay: float | None, terminal: bool, dead_letter: bool = True
+    ) -> None:
         config = queue.config
         entry = flight.entry
         exhausted = entry.delivery_count >= config.max_deliveries
 
         if terminal or exhausted or config.ack is AckPolicy.NONE:
             self._free_key(queue, entry)
-            self._give_up(queue, flight)
+            self._give_up(queue, flight, dead_letter)
             return
 
         wait = config.backoff(entry.delivery_count) if delay is None else max(delay, 0.0)
@@ -245,12 +247,12 @@ class MemoryBroker(Broker):
         queue.delayed += 1
         self._schedule(self.clock.monotonic() + wait, config.name, 0, entry)
 
-    def _give_up(self, queue: _Queue, flight: _InFlight) -> None:
+    def _give_up(self, queue: _Queue, flight: _InFlight, dead_letter: bool) -> None:
         config = queue.config
         counters = self.counters.subscriptions[config.name]
         error = flight.entry.last_error
 
-        if config.dead_letter is None or config.ack is AckPolicy.NONE:
+        if config.dead_letter is None or config.ack is AckPolicy.NONE or not dead_letter:
             counters.dropped += 1
             logger.warning(
                 "dropped message %s of subscription '%s' after %d deliveries: %s",

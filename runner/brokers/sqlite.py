@@ -300,7 +300,7 @@ class _Store:
                                subscription, nack.error.message if nack.error else "no error recorded")
                 continue
             if self._holds(subscription, nack.tag):
-                self._settle_failure(config, nack.tag, nack.delay, nack.error, nack.terminal)
+                self._settle_failure(config, nack.tag, nack.delay, nack.error, nack.terminal, nack.dead_letter)
 
     def _holds(self, subscription: str, tag: _Tag) -> bool:
         row = self._db.execute(
@@ -310,7 +310,8 @@ class _Store:
         return row is not None
 
     def _settle_failure(
-        self, config: SubscriptionConfig, tag: _Tag, delay: float | None, error: ErrorInfo | None, terminal: bool
+        self, config: SubscriptionConfig, tag: _Tag, delay: float | None, error: ErrorInfo | None, terminal: bool,
+        dead_letter: bool = True,
     ) -> None:
         (count,) = self._db.execute(
             "SELECT delivery_count FROM deliveries WHERE subscription = ? AND seq = ?", (config.name, tag.seq)
@@ -318,7 +319,7 @@ class _Store:
         error_text = json.dumps(asdict(error)) if error else None
 
         if terminal or count >= config.max_deliveries:
-            self._give_up(config, tag.seq, count, error)
+            self._give_up(config, tag.seq, count, error, dead_letter)
             return
 
         wait = config.backoff(count) if delay is None else max(delay, 0.0)
@@ -327,7 +328,9 @@ class _Store:
             (self.clock.wall() + wait, error_text, config.name, tag.seq),
         )
 
-    def _give_up(self, config: SubscriptionConfig, seq: int, count: int, error: ErrorInfo | None) -> None:
+    def _give_up(
+        self, config: SubscriptionConfig, seq: int, count: int, error: ErrorInfo | None, dead_letter: bool
+    ) -> None:
         row = self._db.execute(
             "SELECT m.id, m.topic, m.body, m.key, m.headers, m.published_at, d.first_delivered_at "
             "FROM deliveries d JOIN messages m ON m.seq = d.seq WHERE d.subscription = ? AND d.seq = ?",
@@ -337,7 +340,7 @@ class _Store:
         envelope = Envelope(message_id, topic, body, key, json.loads(headers), published_at)
         self._remove(config.name, seq)
 
-        if config.dead_letter is None:
+        if config.dead_letter is None or not dead_letter:
             self._count(config.name, "dropped")
             logger.warning("dropped message %s of subscription '%s' after %d deliveries: %s", message_id,
                            config.name, count, error.message if error else "no error recorded")
