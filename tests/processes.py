@@ -1,0 +1,102 @@
+"""Helpers for tests that run `flowrun up` in real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+FLOWRUN = [sys.executable, "-m", "flowrun.cli"]
+
+
+def start_flowrun(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    """Start `flowrun ARGS` with its output captured; the caller waits or kills it."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [*FLOWRUN, *args], cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def run_flowrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FLOWRUN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def handled_counts(database: Path) -> dict[str, int]:
+    """Message id to how many times a recording handler handled it."""
+    with sqlite3.connect(database) as connection:
+        return dict(connection.execute("SELECT message_id, COUNT(*) FROM handled GROUP BY message_id").fetchall())
+
+
+def handled_by_process(database: Path) -> dict[int, int]:
+    with sqlite3.connect(database) as connection:
+        return dict(connection.execute("SELECT pid, COUNT(*) FROM handled GROUP BY pid").fetchall())
+
+
+# A producer with stable ids and a handler that records each handling in its own SQLite
+# file before the ack, so tests can count handlings independently of flowrun.
+RECORDING_PLUGIN = '''
+import os
+import sqlite3
+import time
+
+from flowrun import Outgoing
+
+
+def numbers(context):
+    count = int(context.options["count"])
+    for number in range(count):
+        yield Outgoing("Work", {"n": number}, id=f"work-{number}")
+
+
+class Recorder:
+    def setup(self, context):
+        self.connection = sqlite3.connect(context.resolve_path(context.options["database"]), timeout=30,
+                                          isolation_level=None, check_same_thread=False)
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.execute("CREATE TABLE IF NOT EXISTS handled (message_id TEXT, pid INTEGER)")
+        self.pause = float(context.options.get("pause", 0))
+
+    def handle(self, message, context):
+        if self.pause:
+            time.sleep(self.pause)
+        self.connection.execute("INSERT INTO handled VALUES (?, ?)", (message.id, os.getpid()))
+
+    def close(self):
+        self.connection.close()
+'''
+
+
+def write_recording_flow(folder: Path, count: int, pause: float, ack_timeout: str = "2s") -> Path:
+    (folder / "recording_plugin.py").write_text(RECORDING_PLUGIN, encoding="utf-8")
+    flow = folder / "flow.yaml"
+    flow.write_text(
+        f"""
+name: recording
+topics:
+  Work:
+    max_pending: 200
+producers:
+  numbers:
+    plugin: recording_plugin:numbers
+    publishes: [Work]
+    with: {{count: {count}}}
+subscribers:
+  work:
+    topic: Work
+    plugin: recording_plugin:Recorder
+    concurrency: 4
+    max_in_flight: 8
+    ack_timeout: {ack_timeout}
+    with: {{database: handled.db, pause: {pause}}}
+""",
+        encoding="utf-8",
+    )
+    return flow

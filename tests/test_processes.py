@@ -1,0 +1,92 @@
+"""Crash safety and competing consumers with real `flowrun up` subprocesses on SQLite."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.processes import (
+    handled_by_process,
+    handled_counts,
+    read_report,
+    run_flowrun,
+    start_flowrun,
+    write_recording_flow,
+)
+
+MESSAGES = 1500
+KILLS = 4
+MAX_IN_FLIGHT = 8
+
+pytestmark = pytest.mark.slow
+
+
+def test_kill_nine_loses_nothing(tmp_path: Path) -> None:
+    write_recording_flow(tmp_path, MESSAGES, pause=0.01, ack_timeout="1s")
+    chooser = random.Random(20261204)
+
+    for _ in range(KILLS):
+        process = start_flowrun("up", "flow.yaml", "--until-drained", cwd=tmp_path)
+        time.sleep(chooser.uniform(0.8, 1.6))
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+        assert process.returncode == -signal.SIGKILL
+
+    # The kills must have interrupted the work, or the test proves nothing.
+    assert len(handled_counts(tmp_path / "handled.db")) < MESSAGES
+
+    finished = run_flowrun("up", "flow.yaml", "--until-drained", "--report", "report.json", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+
+    report = read_report(tmp_path / "report.json")
+    work = report["subscriptions"]["work"]
+    assert report["topics"]["Work"]["published"] == MESSAGES
+    assert work["acked"] + work["dead_lettered"] + work["dropped"] == MESSAGES
+    assert work["dead_lettered"] == 0
+    assert work["in_flight"] == 0
+    assert work["pending"] == 0
+
+    counts = handled_counts(tmp_path / "handled.db")
+    assert len(counts) == MESSAGES
+    repeats = sum(count - 1 for count in counts.values())
+    # Only deliveries in flight at a kill may be handled again.
+    assert repeats <= KILLS * MAX_IN_FLIGHT
+
+
+def test_second_run_handles_nothing_twice(tmp_path: Path) -> None:
+    write_recording_flow(tmp_path, 300, pause=0)
+
+    first = run_flowrun("up", "flow.yaml", "--until-drained", cwd=tmp_path)
+    second = run_flowrun("up", "flow.yaml", "--until-drained", "--report", "report.json", cwd=tmp_path)
+
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert read_report(tmp_path / "report.json")["topics"]["Work"]["published"] == 300
+    assert set(handled_counts(tmp_path / "handled.db").values()) == {1}
+
+
+def test_two_workers_share_the_work(tmp_path: Path) -> None:
+    write_recording_flow(tmp_path, 600, pause=0.003)
+
+    workers = [start_flowrun("up", "flow.yaml", "--only", "work", "--until-drained", cwd=tmp_path) for _ in range(2)]
+    producer = run_flowrun("up", "flow.yaml", "--only", "numbers", "--until-drained", cwd=tmp_path)
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+
+    assert producer.returncode == 0, producer.stderr
+    for worker, (_, error_output) in zip(workers, outputs):
+        assert worker.returncode == 0, error_output
+
+    counts = handled_counts(tmp_path / "handled.db")
+    assert len(counts) == 600
+    assert set(counts.values()) == {1}
+
+    per_process = handled_by_process(tmp_path / "handled.db")
+    assert len(per_process) == 2
+    assert min(per_process.values()) > 0
+
+    final = run_flowrun("status", "flow.yaml", "--json", cwd=tmp_path)
+    assert final.returncode == 0, final.stderr
