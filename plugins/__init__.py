@@ -1,0 +1,1 @@
+"""Example plugins shipped with flowrun, one sub-package per example flow."""
