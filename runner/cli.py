@@ -61,7 +61,7 @@ def validate(
             if problem.is_error or strict:
                 failed = True
         if not found:
-            stderr.print(f"{path}: valid")
+            print(f"{path}: valid", file=sys.stderr)
     raise typer.Exit(1 if failed else 0)
 
 
@@ -83,14 +83,14 @@ def up(
     try:
         result = asyncio.run(_run(flow, until_drained, selected, progress and interactive))
     except FlowrunError as error:
-        stderr.print(f"[red]error:[/red] {error}", highlight=False)
+        _print_error(str(error))
         raise typer.Exit(1) from None
 
     print_summary(result.report, stdout)
     if report is not None:
         write_report(result.report, report)
     for failure in result.failures:
-        stderr.print(f"[red]error:[/red] {failure}", highlight=False)
+        _print_error(failure)
     raise typer.Exit(1 if result.failures else 0)
 
 
@@ -135,7 +135,7 @@ def _inspect(flow: Any, work: Any) -> Any:
     try:
         return asyncio.run(with_broker(flow, work))
     except FlowrunError as error:
-        stderr.print(f"[red]error:[/red] {error}", highlight=False)
+        _print_error(str(error))
         raise typer.Exit(1) from None
 
 
@@ -144,6 +144,12 @@ def plugins() -> None:
     """List the plugins installed in the flowrun.plugins entry point group."""
     for point in installed_plugins():
         print(f"{point.name}\t{point.value}")
+
+
+def _print_error(text: str) -> None:
+    """Print an error line without rich markup, since it may quote user text with brackets."""
+    stderr.print(f"[red]error:[/red] ", end="")
+    stderr.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _load_or_exit(flow_path: str, check_plugins: bool = True) -> Any:

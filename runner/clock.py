@@ -50,8 +50,11 @@ class SystemClock:
         if timeout is not None and timeout <= 0:
             return False
 
+        # asyncio.timeout rather than wait_for: wait_for in Python 3.11 can swallow a
+        # cancellation that arrives while it waits, which left broker timer tasks running.
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await event.wait()
         except TimeoutError:
             return False
         return True

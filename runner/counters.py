@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -18,6 +19,16 @@ class SubscriptionCounters:
     dropped: int = 0
 
 
+@dataclass
+class Gauges:
+    """A subscription's backlog now: waiting (of which delayed for a retry) and in flight."""
+
+    in_flight: int = 0
+    pending: int = 0
+    delayed: int = 0
+    oldest_pending_age: float | None = None
+
+
 class Counters:
     """Published counts per topic and delivery counts per subscription."""
 
@@ -26,18 +37,18 @@ class Counters:
         self.subscriptions: defaultdict[str, SubscriptionCounters] = defaultdict(SubscriptionCounters)
 
     def snapshot(
-        self, topics: dict[str, str], gauges: dict[str, tuple[int, int]]
+        self, declared: Iterable[str], topics: dict[str, str], gauges: dict[str, Gauges]
     ) -> dict[str, Any]:
-        """Build the report shape from counters plus (pending, in_flight) gauges per subscription.
+        """Build the stats shape every backend returns.
 
-        `topics` maps each subscription to its topic.
+        `declared` lists the topics, `topics` maps each subscription to its topic, and
+        `gauges` holds each subscription's current backlog.
         """
         report: dict[str, Any] = {"topics": {}, "subscriptions": {}}
-        for topic in sorted(set(self.published) | set(topics.values())):
+        for topic in sorted(set(self.published) | set(declared) | set(topics.values())):
             report["topics"][topic] = {"published": self.published.get(topic, 0)}
 
         for name, topic in sorted(topics.items()):
-            pending, in_flight = gauges.get(name, (0, 0))
             counts = asdict(self.subscriptions[name])
-            report["subscriptions"][name] = {"topic": topic, **counts, "in_flight": in_flight, "pending": pending}
+            report["subscriptions"][name] = {"topic": topic, **counts, **asdict(gauges.get(name, Gauges()))}
         return report

@@ -172,8 +172,11 @@ class SubscriptionWorker:
             await self._handle(delivery)
 
     async def _pull_loop(self) -> None:
+        # Fetched messages wait for a free handler slot, so a batch larger than the
+        # concurrency is handled a few at a time while its leases run.
+        capacity = max(self.spec.batch_size, self.spec.concurrency)
         while True:
-            free = self.spec.concurrency - self._pulled
+            free = capacity - self._pulled
             if free <= 0:
                 self._capacity.clear()
                 await self._capacity.wait()
@@ -240,7 +243,8 @@ class SubscriptionWorker:
             await self.handler.handle(self.invoker, message, self.context)
             return
         try:
-            await asyncio.wait_for(self.handler.handle(self.invoker, message, self.context), timeout)
+            async with asyncio.timeout(timeout):
+                await self.handler.handle(self.invoker, message, self.context)
         except TimeoutError:
             raise TimeoutError(f"handler did not finish within handler_timeout {timeout:g}s") from None
 

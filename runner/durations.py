@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -15,7 +16,7 @@ def parse_duration(value: object) -> float:
     Raises ValueError with the accepted forms when `value` is not a duration.
     """
     if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}: expected a number of seconds or 250ms, 30s, 2m, 1h")
+        raise ValueError(f"invalid duration {str(value).lower()}: expected a number of seconds or 250ms, 30s, 2m, 1h")
 
     if isinstance(value, int | float):
         seconds = float(value)
@@ -25,6 +26,8 @@ def parse_duration(value: object) -> float:
     else:
         raise ValueError(f"invalid duration {value!r}: expected a number of seconds or 250ms, 30s, 2m, 1h")
 
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r}: must be a finite number")
     if seconds < 0:
         raise ValueError(f"invalid duration {value!r}: must not be negative")
     return seconds

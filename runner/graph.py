@@ -53,9 +53,21 @@ def build_graph(spec: FlowSpec) -> nx.DiGraph:
     return graph
 
 
-def topic_cycles(graph: nx.DiGraph) -> list[list[str]]:
-    """Return each elementary cycle as the list of node labels along it."""
+def topic_cycles(graph: nx.DiGraph, order: list[Node]) -> list[list[Node]]:
+    """Return each elementary cycle, starting at its node earliest in `order`, in a stable order.
+
+    A subscriber that dead-letters into its own topic is left out: validate reports it on its own.
+    """
+    rank = {node: index for index, node in enumerate(order)}
     cycles = []
     for cycle in nx.simple_cycles(graph):
-        cycles.append([f"{kind} '{name}'" for kind, name in cycle])
-    return cycles
+        if len(cycle) == 2 and all(graph.edges[a, b]["kind"] == "dead_letter" or graph.edges[a, b]["kind"] == "delivers"
+                                   for a, b in zip(cycle, cycle[1:] + cycle[:1])):
+            continue
+        start = min(range(len(cycle)), key=lambda index: rank.get(cycle[index], len(rank)))
+        cycles.append(cycle[start:] + cycle[:start])
+    return sorted(cycles, key=lambda cycle: [rank.get(node, len(rank)) for node in cycle])
+
+
+def label(node: Node) -> str:
+    return f"{node[0]} '{node[1]}'"

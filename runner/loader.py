@@ -57,7 +57,7 @@ def read_flow(path: str | Path) -> tuple[LoadedFlow | None, list[Problem]]:
         return None, [problems.error(error.location, error.message)]
 
     if not isinstance(document, dict):
-        found = "an empty file" if document is None else f"a {type(document).__name__}"
+        found = "an empty file" if document is None else _kind_of(document)
         location = Location(display_path, 1, 1)
         return None, [problems.error(location, f"a flow file must be a YAML mapping with a 'topics' key, found {found}")]
 
@@ -105,7 +105,11 @@ def _check_names(document: dict[str, Any], display_path: str) -> list[Problem]:
         if not isinstance(entries, dict):
             continue
         for name in entries:
-            if not isinstance(name, str) or not _NAME.match(name):
+            if isinstance(name, bool) or name is None:
+                location = locate(document, (section, name), display_path)
+                message = f"invalid {noun} name: YAML reads an unquoted yes, no, on, off, true, false or null as {_show_value(name)}; quote the name"
+                found.append(problems.error(location, message))
+            elif not isinstance(name, str) or not _NAME.match(name):
                 location = locate(document, (section, name), display_path)
                 message = f"invalid {noun} name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit"
                 found.append(problems.error(location, message))
@@ -178,7 +182,23 @@ def _suggest(key: Any, parent: tuple[Any, ...]) -> str:
     return f"; allowed keys: {', '.join(sorted(allowed))}"
 
 
+def _kind_of(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return f"a {type(value).__name__}"
+
+
 def _show_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
     if isinstance(value, PositionedDict | dict):
         return "(a mapping)"
     if isinstance(value, list):

@@ -9,9 +9,10 @@ from collections.abc import Iterable
 from pydantic import ValidationError
 
 from flowrun import problems
-from flowrun.brokers import BACKEND_OPTIONS, BACKENDS
-from flowrun.errors import PluginError
-from flowrun.graph import build_graph, topic, topic_cycles
+from flowrun.brokers import BACKENDS, effective_spec
+from flowrun.brokers.options import BACKEND_OPTIONS
+from flowrun.errors import FlowrunError, PluginError
+from flowrun.graph import build_graph, label, subscriber, topic, topic_cycles
 from flowrun.loader import LoadedFlow, read_flow
 from flowrun.plugins import Handler, Producer, resolve
 from flowrun.problems import Problem
@@ -41,7 +42,7 @@ def check_flow(flow: LoadedFlow, import_plugins: bool = True) -> list[Problem]:
 def _unknown_topic(flow: LoadedFlow, name: str, role: str) -> str:
     close = difflib.get_close_matches(name, list(flow.spec.topics), n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else "; declare it under topics"
-    return f"{role} names undeclared topic '{name}'{hint}"
+    return f"{role} undeclared topic '{name}'{hint}"
 
 
 def check_references(flow: LoadedFlow) -> list[Problem]:
@@ -52,15 +53,15 @@ def check_references(flow: LoadedFlow) -> list[Problem]:
         for index, target in enumerate(producer_spec.publishes):
             if target not in spec.topics:
                 location = flow.locate("producers", name, "publishes", index)
-                found.append(problems.error(location, _unknown_topic(flow, target, f"producer '{name}' publishes")))
+                found.append(problems.error(location, _unknown_topic(flow, target, f"producer '{name}' publishes to")))
 
     for name, sub in spec.subscribers.items():
         if sub.topic not in spec.topics:
             location = flow.locate_value("subscribers", name, "topic")
-            found.append(problems.error(location, _unknown_topic(flow, sub.topic, f"subscriber '{name}'")))
+            found.append(problems.error(location, _unknown_topic(flow, sub.topic, f"subscriber '{name}' consumes")))
         if sub.dead_letter is not None and sub.dead_letter not in spec.topics:
             location = flow.locate_value("subscribers", name, "dead_letter")
-            role = f"dead_letter of subscriber '{name}'"
+            role = f"dead_letter of subscriber '{name}' names"
             found.append(problems.error(location, _unknown_topic(flow, sub.dead_letter, role)))
         if sub.dead_letter is not None and sub.dead_letter == sub.topic:
             location = flow.locate_value("subscribers", name, "dead_letter")
@@ -69,7 +70,7 @@ def check_references(flow: LoadedFlow) -> list[Problem]:
         for index, target in enumerate(sub.publishes):
             if target not in spec.topics:
                 location = flow.locate("subscribers", name, "publishes", index)
-                found.append(problems.error(location, _unknown_topic(flow, target, f"subscriber '{name}' publishes")))
+                found.append(problems.error(location, _unknown_topic(flow, target, f"subscriber '{name}' publishes to")))
     return found
 
 
@@ -78,12 +79,12 @@ def check_graph(flow: LoadedFlow) -> list[Problem]:
     graph = build_graph(spec)
     found: list[Problem] = []
 
-    cycles = topic_cycles(graph)
+    order = [subscriber(name) for name in spec.subscribers] + [topic(name) for name in spec.topics]
+    cycles = topic_cycles(graph, order)
     if cycles and not spec.allow_cycles:
         for cycle in cycles:
-            path = " -> ".join(cycle + cycle[:1])
-            first_subscriber = next(label for label in cycle if label.startswith("subscriber"))
-            name = first_subscriber.split("'")[1]
+            path = " -> ".join(label(node) for node in cycle + cycle[:1])
+            name = next(node[1] for node in cycle if node[0] == "subscriber")
             location = flow.locate("subscribers", name)
             found.append(problems.error(
                 location,
@@ -107,6 +108,10 @@ def check_graph(flow: LoadedFlow) -> list[Problem]:
 def check_broker(flow: LoadedFlow) -> list[Problem]:
     """Check the backend name and its options."""
     broker = flow.spec.broker
+    try:
+        effective_spec(broker)
+    except FlowrunError as error:
+        return [problems.error(flow.locate("broker"), str(error))]
     if broker.backend not in BACKEND_OPTIONS:
         return [problems.error(flow.locate_value("broker", "backend"),
                                f"unknown broker backend '{broker.backend}'; choose one of {', '.join(BACKENDS)}")]

@@ -110,8 +110,10 @@ _PositionLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG, _
 def load_yaml(text: str, path: str, environment: Mapping[str, str] | None = None) -> Any:
     """Parse one YAML document, raising FlowFileError with the file position on any problem."""
     loader_class = type("FlowLoader", (_PositionLoader,), {"path": path, "environment": environment or os.environ})
-    loader = loader_class(text)
+    loader = None
     try:
+        # The constructor already rejects control characters, so it belongs in the try.
+        loader = loader_class(text)
         return loader.get_single_data()
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
@@ -123,7 +125,8 @@ def load_yaml(text: str, path: str, environment: Mapping[str, str] | None = None
     except RecursionError:
         raise FlowFileError(Location(path), "invalid YAML: nesting is too deep") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def locate(document: Any, path: tuple[Any, ...], file_path: str) -> Location:

@@ -1,53 +1,104 @@
-"""Broker backends, one module each, chosen by name."""
+"""Broker backends, one module each, chosen by name or by FLOWRUN_BROKER_URL.
+
+Each backend class provides `from_spec(spec, options, flow_path, flow_name, clock)`;
+client libraries are imported only when their backend is used.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from flowrun.broker import Broker
+from flowrun.brokers.options import BACKEND_OPTIONS
 from flowrun.clock import SYSTEM_CLOCK, Clock
 from flowrun.errors import FlowrunError
-from pydantic import Field
+from flowrun.spec import BrokerSpec
 
-from flowrun.spec import BrokerSpec, Duration, StrictModel
-
-
-class SqliteOptions(StrictModel):
-    """Options of the sqlite backend (`broker.options`)."""
-
-    synchronous: Literal["normal", "full", "extra"] = Field(
-        "normal",
-        description="normal survives a killed process; full also survives power loss, at a cost per commit.",
-    )
-    dedup_window: Duration = Field(7 * 24 * 3600.0, description="How long a published message id is remembered.")
-
-
-class NoOptions(StrictModel):
-    """The memory backend takes no options."""
-
-
-BACKEND_OPTIONS: dict[str, type[StrictModel]] = {"sqlite": SqliteOptions, "memory": NoOptions}
-
-BACKENDS = ("sqlite", "memory")
+BACKEND_CLASSES = {
+    "sqlite": ("flowrun.brokers.sqlite", "SqliteBroker"),
+    "memory": ("flowrun.brokers.memory", "MemoryBroker"),
+    "redis": ("flowrun.brokers.redis", "RedisBroker"),
+    "rabbitmq": ("flowrun.brokers.rabbitmq", "RabbitmqBroker"),
+    "nats": ("flowrun.brokers.nats", "NatsBroker"),
+}
+BACKENDS = tuple(BACKEND_CLASSES)
+URL_SCHEMES = {
+    "sqlite": "sqlite",
+    "memory": "memory",
+    "redis": "redis",
+    "rediss": "redis",
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+    "nats": "nats",
+    "tls": "nats",
+}
+NETWORK_BACKENDS = ("redis", "rabbitmq", "nats")
+BROKER_URL_VARIABLE = "FLOWRUN_BROKER_URL"
 STATE_FOLDER = ".flowrun"
 
 
+def effective_spec(spec: BrokerSpec, environment: Mapping[str, str] | None = None) -> BrokerSpec:
+    """Apply FLOWRUN_BROKER_URL, which overrides the flow's backend and URL."""
+    environment = os.environ if environment is None else environment
+    url = environment.get(BROKER_URL_VARIABLE, "").strip()
+    if not url:
+        return spec
+
+    backend = backend_for_url(url)
+    if backend == "sqlite":
+        path = url.removeprefix("sqlite://") or None
+        return spec.model_copy(update={"backend": backend, "path": path, "url": None,
+                                       "options": spec.options if spec.backend == backend else {}})
+    options = spec.options if spec.backend == backend else {}
+    return spec.model_copy(update={"backend": backend, "url": url, "options": options})
+
+
+def backend_for_url(url: str) -> str:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise FlowrunError(
+            f"invalid broker URL scheme '{scheme}' in {BROKER_URL_VARIABLE} ({redact_url(url)}); "
+            f"use one of {', '.join(sorted(URL_SCHEMES))}"
+        )
+    return URL_SCHEMES[scheme]
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL so it can appear in logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
 def create_broker(spec: BrokerSpec, flow_path: Path, flow_name: str, clock: Clock = SYSTEM_CLOCK) -> Broker:
-    """Build the backend a flow's broker section names."""
-    if spec.backend == "memory":
-        from flowrun.brokers.memory import MemoryBroker
+    """Build the backend a flow's broker section (or FLOWRUN_BROKER_URL) names."""
+    spec = effective_spec(spec)
+    if spec.backend not in BACKEND_CLASSES:
+        raise FlowrunError(f"unknown broker backend '{spec.backend}'; available: {', '.join(BACKENDS)}")
+    if spec.backend in NETWORK_BACKENDS and not spec.url:
+        raise FlowrunError(f"the {spec.backend} backend needs broker.url in the flow or {BROKER_URL_VARIABLE}")
 
-        return MemoryBroker(clock=clock)
+    module_name, class_name = BACKEND_CLASSES[spec.backend]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise FlowrunError(
+            f"the {spec.backend} backend needs the package '{error.name}'; install it with "
+            f"pip install 'flowrun[{spec.backend}]'"
+        ) from None
 
-    if spec.backend == "sqlite":
-        from flowrun.brokers.sqlite import SqliteBroker
-
-        options = SqliteOptions.model_validate(spec.options)
-        return SqliteBroker(sqlite_path(spec, flow_path, flow_name), clock=clock, synchronous=options.synchronous,
-                            dedup_window=options.dedup_window)
-
-    raise FlowrunError(f"unknown broker backend '{spec.backend}'; available: {', '.join(BACKENDS)}")
+    options = BACKEND_OPTIONS[spec.backend].model_validate(spec.options)
+    broker: Broker = getattr(module, class_name).from_spec(spec, options, flow_path, flow_name, clock)
+    return broker
 
 
 def sqlite_path(spec: BrokerSpec, flow_path: Path, flow_name: str) -> Path:

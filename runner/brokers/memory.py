@@ -15,14 +15,16 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flowrun.broker import Broker, ErrorInfo, Nack, SubscriptionConfig, Topology, dead_letter_headers
 from flowrun.clock import SYSTEM_CLOCK, Clock
-from flowrun.counters import Counters
+from flowrun.counters import Counters, Gauges
 from flowrun.errors import BrokerError, QueueFullError
 from flowrun.message import Delivery, Envelope
-from flowrun.spec import AckPolicy, OnFull
+from flowrun.brokers.options import MemoryOptions
+from flowrun.spec import AckPolicy, BrokerSpec, OnFull
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,11 @@ class MemoryBroker(Broker):
         self._timer_changed = asyncio.Event()
         self._timer_task: asyncio.Task[None] | None = None
         self._closed = False
+
+    @classmethod
+    def from_spec(cls, spec: BrokerSpec, options: MemoryOptions, flow_path: Path, flow_name: str,
+                  clock: Clock) -> MemoryBroker:
+        return cls(clock)
 
     async def start(self, topology: Topology) -> None:
         self.topology = topology
@@ -337,8 +344,15 @@ class MemoryBroker(Broker):
 
     async def stats(self) -> dict[str, Any]:
         topics = {name: queue.config.topic for name, queue in self._queues.items()}
-        gauges = {name: (len(queue.ready) + queue.delayed, len(queue.in_flight)) for name, queue in self._queues.items()}
-        return self.counters.snapshot(topics, gauges)
+        gauges = {name: self._gauges(queue) for name, queue in self._queues.items()}
+        return self.counters.snapshot(self._by_topic, topics, gauges)
+
+    def _gauges(self, queue: _Queue) -> Gauges:
+        oldest = None
+        if queue.ready:
+            # Retries go back to the front, so the front is at most a little younger than the oldest.
+            oldest = max(self.clock.wall() - queue.ready[0].envelope.published_at, 0.0)
+        return Gauges(len(queue.in_flight), len(queue.ready) + queue.delayed, queue.delayed, oldest)
 
     def _queue(self, subscription: str) -> _Queue:
         try:

@@ -29,7 +29,8 @@ from flowrun.broker import Broker, ErrorInfo, Nack, SubscriptionConfig, Topology
 from flowrun.clock import SYSTEM_CLOCK, Clock
 from flowrun.errors import BrokerError, QueueFullError
 from flowrun.message import Delivery, Envelope
-from flowrun.spec import AckPolicy, OnFull
+from flowrun.brokers.options import SqliteOptions
+from flowrun.spec import AckPolicy, BrokerSpec, OnFull
 
 logger = logging.getLogger(__name__)
 
@@ -461,6 +462,16 @@ class _Store:
         return cursor.rowcount
 
 
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, BrokerError):
+        pass
+
+
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on error; nested uses join the outer one."""
 
@@ -512,6 +523,7 @@ class SqliteBroker(Broker):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="flowrun-sqlite")
         self._jobs: list[_Job] = []
         self._wake_writer = asyncio.Event()
+        self._writing = False
         self._writer: asyncio.Task[None] | None = None
         self._timers: list[tuple[float, int, str, _Tag]] = []
         self._timer_changed = asyncio.Event()
@@ -520,6 +532,13 @@ class SqliteBroker(Broker):
         self._arrived: dict[str, asyncio.Event] = {}
         self._room = asyncio.Event()
         self._closed = False
+
+    @classmethod
+    def from_spec(cls, spec: BrokerSpec, options: SqliteOptions, flow_path: Path, flow_name: str,
+                  clock: Clock) -> SqliteBroker:
+        from flowrun.brokers import sqlite_path
+
+        return cls(sqlite_path(spec, flow_path, flow_name), clock, options.synchronous, options.dedup_window)
 
     # Lifecycle
 
@@ -538,18 +557,19 @@ class SqliteBroker(Broker):
         self._writer = asyncio.create_task(self._run_writer(), name="flowrun-sqlite-writer")
 
     async def close(self) -> None:
+        """Stop timers, finish the writes already queued, then close the database."""
         self._closed = True
         for event in self._arrived.values():
             event.set()
         self._room.set()
-        for task in (self._timer_task, self._writer):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-        self._timer_task = self._writer = None
+
+        await _cancel(self._timer_task)
+        self._timer_task = None
+        while self._jobs or self._writing:
+            await asyncio.sleep(0.001)
+        await _cancel(self._writer)
+        self._writer = None
+
         await self._in_thread(self._store.close)
         self._executor.shutdown(wait=True)
 
@@ -559,7 +579,7 @@ class SqliteBroker(Broker):
     # Group commit: jobs queued in one loop turn run in one transaction.
 
     async def _write(self, work: Callable[[], Any]) -> Any:
-        if self._closed:
+        if self._writer is None:
             raise BrokerError("the SQLite broker is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._jobs.append(_Job(work, future))
@@ -573,6 +593,7 @@ class SqliteBroker(Broker):
             jobs, self._jobs = self._jobs, []
             if not jobs:
                 continue
+            self._writing = True
             try:
                 results = await self._in_thread(lambda: self._run_jobs(jobs))
             except Exception as error:  # noqa: BLE001 - every waiter gets the failure
@@ -580,6 +601,8 @@ class SqliteBroker(Broker):
                     if not job.future.done():
                         job.future.set_exception(BrokerError(f"SQLite write to {self.path} failed: {error}"))
                 continue
+            finally:
+                self._writing = False
             for job, (ok, value) in zip(jobs, results):
                 if job.future.done():
                     continue
