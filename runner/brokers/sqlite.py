@@ -62,6 +62,8 @@ class _Store:
         self.leases = 0
         self.publishes_since_purge = 0
         self.data_version = -1
+        # Subscriptions that received messages since the broker last took this set.
+        self.arrivals: set[str] = set()
 
     # Opening
 
@@ -182,6 +184,7 @@ class _Store:
         )
         connection.executemany("UPDATE subscriptions SET size = size + 1 WHERE name = ?",
                                [(config.name,) for config in holders])
+        self.arrivals.update(config.name for config in holders)
 
     # Fetching
 
@@ -603,6 +606,7 @@ class SqliteBroker(Broker):
                 continue
             finally:
                 self._writing = False
+            self._wake_arrivals()
             for job, (ok, value) in zip(jobs, results):
                 if job.future.done():
                     continue
@@ -632,16 +636,17 @@ class SqliteBroker(Broker):
         remaining = list(envelopes)
         while remaining:
             stored = await self._write(lambda batch=remaining: self._store.publish(batch))
-            self._notify_arrival(remaining[:stored])
             remaining = remaining[stored:]
             if remaining:
                 await self._wait_for_change(self._room, None)
 
-    def _notify_arrival(self, envelopes: Sequence[Envelope]) -> None:
-        topics = {envelope.topic for envelope in envelopes}
-        for config in self._store.configs.values():
-            if config.topic in topics or config.dead_letter in topics:
-                self._arrived[config.name].set()
+    def _wake_arrivals(self) -> None:
+        """Wake fetches of subscriptions that the last transaction gave new messages."""
+        arrivals, self._store.arrivals = self._store.arrivals, set()
+        for name in arrivals:
+            event = self._arrived.get(name)
+            if event is not None:
+                event.set()
 
     async def fetch(self, subscription: str, max_messages: int, timeout: float) -> list[Delivery]:
         arrived = self._arrived[subscription]
