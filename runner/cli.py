@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import signal
@@ -13,8 +14,23 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.table import Table
 
 from flowrun.errors import FlowrunError, FlowValidationError
+from flowrun.explain import describe_worst_case, explain_flow
+from flowrun.flowschema import flow_json_schema
+from flowrun.graph import build_graph, to_dot, to_mermaid
+from flowrun.loader import read_flow
+from flowrun.output import (
+    GraphFormat,
+    describe_plugin_kind,
+    expand_flow_arguments,
+    print_problems,
+    publish_payloads,
+    read_payloads,
+    render_with_graphviz,
+)
+from flowrun.problems import Problem
 from flowrun.inspect_cli import DlqAction, print_dead_letters, print_status, with_broker
 from flowrun.loader import load_flow
 from flowrun.logs import configure_logging
@@ -46,23 +62,48 @@ def _check_log_level(value: str) -> str:
     return value
 
 
+class OutputFormat(str, enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+    GITHUB = "github"
+
+
 @app.command()
 def validate(
-    flows: Annotated[list[str], typer.Argument(help="Flow files to check.")],
-    no_import: Annotated[bool, typer.Option("--no-import", help="Check without importing plugins.")] = False,
+    flows: Annotated[list[str], typer.Argument(help="Flow files or glob patterns (quote them: 'flows/*.yaml').")],
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="text, json, or github (Actions annotations).")] = OutputFormat.TEXT,
+    no_import: Annotated[bool, typer.Option("--no-import", help="Check without importing plugins or schema models.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as errors.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Also print each subscription's effective guarantees.")] = False,
 ) -> None:
-    """Check flow files: schema, references, plugins and graph. Exit 0 if valid, 1 if not."""
-    failed = False
-    for path in flows:
-        found = validate_file(path, import_plugins=not no_import)
-        for problem in found:
-            print(problem)
-            if problem.is_error or strict:
-                failed = True
-        if not found:
+    """Check flow files: schema, references, plugins, schemas and graph. Exit 0 if valid, 1 if not."""
+    paths = expand_flow_arguments(flows)
+    found: list[Problem] = []
+    for path in paths:
+        problems_of_file = validate_file(path, import_plugins=not no_import)
+        found += problems_of_file
+        if not problems_of_file and output_format is OutputFormat.TEXT:
             print(f"{path}: valid", file=sys.stderr)
+
+    print_problems(found, output_format.value, strict)
+    if explain:
+        for path in paths:
+            _explain(path)
+    failed = any(problem.is_error or strict for problem in found)
     raise typer.Exit(1 if failed else 0)
+
+
+def _explain(path: str) -> None:
+    flow, _ = read_flow(path)
+    if flow is None:
+        return
+    table = Table(title=f"{path}: effective guarantees", title_justify="left")
+    for column in ("subscription", "backend", "delivery", "ordering", "attempts", "worst case to give up", "then"):
+        table.add_column(column)
+    for item in explain_flow(flow):
+        table.add_row(item.subscription, item.backend, item.delivery, item.ordering, str(item.max_attempts),
+                      describe_worst_case(item.worst_case_to_dead_letter), item.after_last_attempt)
+    stdout.print(table)
 
 
 @app.command()
@@ -141,9 +182,62 @@ def _inspect(flow: Any, work: Any) -> Any:
 
 @app.command()
 def plugins() -> None:
-    """List the plugins installed in the flowrun.plugins entry point group."""
+    """List the plugins installed in the flowrun.plugins entry point group, with their kind."""
+    table = Table(title="installed plugins", title_justify="left")
+    for column in ("name", "reference", "kind", "package"):
+        table.add_column(column)
     for point in installed_plugins():
-        print(f"{point.name}\t{point.value}")
+        package = point.dist.name if point.dist is not None else "-"
+        table.add_row(point.name, point.value, describe_plugin_kind(point), package)
+    stdout.print(table)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the flow file format (for yaml-language-server and CI)."""
+    print(json.dumps(flow_json_schema(), indent=2))
+
+
+@app.command()
+def graph(
+    flow_path: Annotated[str, typer.Argument(metavar="FLOW", help="The flow file to draw.")],
+    output_format: Annotated[GraphFormat, typer.Option("--format", help="mermaid or dot.")] = GraphFormat.MERMAID,
+    output: Annotated[Path | None, typer.Option("--output", help="Render to FILE.svg or FILE.png with Graphviz.")] = None,
+) -> None:
+    """Draw producers, topics, subscribers and dead-letter edges of a flow."""
+    flow = _load_or_exit(flow_path, check_plugins=False)
+    drawing = build_graph(flow.spec)
+    if output is None:
+        print(to_mermaid(drawing) if output_format is GraphFormat.MERMAID else to_dot(drawing), end="")
+        return
+    try:
+        render_with_graphviz(to_dot(drawing), output)
+    except FlowrunError as error:
+        _print_error(str(error))
+        raise typer.Exit(1) from None
+    print(f"wrote {output}", file=sys.stderr)
+
+
+@app.command()
+def publish(
+    flow_path: Annotated[str, typer.Argument(metavar="FLOW", help="The flow whose broker receives the messages.")],
+    topic: Annotated[str, typer.Argument(help="The topic to publish to.")],
+    payload: Annotated[str | None, typer.Argument(help="A JSON payload; omit it to read JSON Lines from stdin.")] = None,
+    payload_file: Annotated[Path | None, typer.Option("--file", help="Read one JSON payload from this file.")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Message key (ordering and partitioning).")] = None,
+) -> None:
+    """Publish JSON payloads to a topic, checked against the topic's schema."""
+    flow = _load_or_exit(flow_path, check_plugins=False)
+    if topic not in flow.spec.topics:
+        raise typer.BadParameter(f"unknown topic '{topic}'; choose from {', '.join(flow.spec.topics)}",
+                                 param_hint="TOPIC")
+    payloads = read_payloads(payload, payload_file, sys.stdin)
+    try:
+        count = asyncio.run(publish_payloads(flow, topic, payloads, key))
+    except FlowrunError as error:
+        _print_error(str(error))
+        raise typer.Exit(1) from None
+    print(f"published {count} messages to {topic}", file=sys.stderr)
 
 
 def _print_error(text: str) -> None:

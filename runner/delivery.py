@@ -20,12 +20,15 @@ import logging
 import traceback
 from typing import Any
 
+from pydantic import ValidationError
+
 from flowrun.broker import Broker, ErrorInfo, FetchConsumer, Nack, SubscriptionConfig
 from flowrun.context import Context, current_hops, current_publishes
 from flowrun.errors import HopLimitError, PayloadError
 from flowrun.logs import RepeatLimiter
 from flowrun.message import HOPS_HEADER, Delivery, Message, Outcome, loop_call
 from flowrun.plugins import Handler, Invoker
+from flowrun.schemas import describe_validation_error
 from flowrun.spec import AckPolicy, DeliveryMode, ErrorAction, SubscriberSpec
 
 logger = logging.getLogger(__name__)
@@ -238,15 +241,29 @@ class SubscriptionWorker:
         return error
 
     async def _call_handler(self, message: Message) -> None:
+        argument = self._argument(message)
         timeout = self.spec.handler_timeout
         if timeout is None:
-            await self.handler.handle(self.invoker, message, self.context)
+            await self.handler.handle(self.invoker, argument, self.context)
             return
         try:
             async with asyncio.timeout(timeout):
-                await self.handler.handle(self.invoker, message, self.context)
+                await self.handler.handle(self.invoker, argument, self.context)
         except TimeoutError:
             raise TimeoutError(f"handler did not finish within handler_timeout {timeout:g}s") from None
+
+    def _argument(self, message: Message) -> Any:
+        """The Message, or its payload parsed into the model the handler is annotated with."""
+        model = self.handler.input_model
+        if model is None:
+            return message
+        try:
+            return model.model_validate(message.payload)
+        except ValidationError as error:
+            raise PayloadError(
+                f"message {message.id} on topic '{message.topic}' does not match {model.__qualname__}, "
+                f"the input type of subscriber '{self.name}': {describe_validation_error(error)}"
+            ) from None
 
     def _apply_policy(self, message: Message, error: BaseException | None) -> None:
         if error is not None:

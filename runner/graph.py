@@ -71,3 +71,63 @@ def topic_cycles(graph: nx.DiGraph, order: list[Node]) -> list[list[Node]]:
 
 def label(node: Node) -> str:
     return f"{node[0]} '{node[1]}'"
+
+
+def _subscription_label(data: dict[str, object]) -> str:
+    return f"{data.get('mode', '')}, ack {data.get('ack', '')}"
+
+
+def to_mermaid(graph: nx.DiGraph) -> str:
+    """Render the flow as a Mermaid flowchart: producers, topics, subscribers, dead-letter edges."""
+    lines = ["flowchart LR"]
+    for node, data in sorted(graph.nodes(data=True)):
+        node_id = _stable_id(node)
+        kind, name = node
+        if kind == "producer":
+            lines.append(f'    {node_id}[/"{name}"/]')
+        elif kind == "topic":
+            lines.append(f'    {node_id}(["{name}"])')
+        else:
+            lines.append(f'    {node_id}["{name}<br/><small>{data.get("plugin", "")}</small>"]')
+
+    for source, target, data in sorted(graph.edges(data=True)):
+        kind = data.get("kind")
+        if kind == "delivers":
+            label = _subscription_label(graph.nodes[target])
+            lines.append(f"    {_stable_id(source)} -->|{label}| {_stable_id(target)}")
+        elif kind == "dead_letter":
+            lines.append(f"    {_stable_id(source)} -.->|dead letter| {_stable_id(target)}")
+        else:
+            lines.append(f"    {_stable_id(source)} --> {_stable_id(target)}")
+    return "\n".join(lines) + "\n"
+
+
+def to_dot(graph: nx.DiGraph) -> str:
+    """Render the flow in Graphviz DOT."""
+    shapes = {"producer": "parallelogram", "topic": "cylinder", "subscriber": "box"}
+    lines = [f'digraph "{graph.graph.get("name", "flow")}" {{', "    rankdir=LR;", '    node [fontname="Helvetica"];']
+    for node, data in sorted(graph.nodes(data=True)):
+        kind, name = node
+        label = name if kind != "subscriber" else f"{name}\\n{data.get('plugin', '')}"
+        lines.append(f'    {_stable_id(node)} [label="{_dot_escape(label)}", shape={shapes[kind]}];')
+
+    for source, target, data in sorted(graph.edges(data=True)):
+        kind = data.get("kind")
+        attributes = ""
+        if kind == "delivers":
+            attributes = f' [label="{_subscription_label(graph.nodes[target])}"]'
+        elif kind == "dead_letter":
+            attributes = ' [label="dead letter", style=dashed, color=red]'
+        lines.append(f"    {_stable_id(source)} -> {_stable_id(target)}{attributes};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _stable_id(node: Node) -> str:
+    kind, name = node
+    safe = "".join(character if character.isalnum() else "_" for character in name)
+    return f"{kind}_{safe}"
+
+
+def _dot_escape(text: str) -> str:
+    return text.replace('"', '\\"')

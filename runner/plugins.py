@@ -153,6 +153,13 @@ class Handler:
             raise PluginError(reference, "a handler must accept (message, context) or (message)")
         self.takes_context = maximum == -1 or maximum >= 2
 
+        # A handler annotated with a pydantic model gets the parsed payload instead of the Message.
+        from flowrun.schemas import input_model
+
+        self.input_model = input_model(self.function)
+        self.consumes = self.input_model or getattr(target, "consumes", None)
+        self.produces: dict[str, Any] = dict(getattr(target, "produces", None) or {})
+
     async def setup(self, invoker: Invoker, context: Any) -> None:
         if self._setup is not None:
             await invoker.call(self._setup, context)
@@ -192,6 +199,7 @@ class Producer:
         required, _ = count_positional(self.function)
         if required > 1:
             raise PluginError(reference, "a producer is called with one argument, the context")
+        self.produces: dict[str, Any] = dict(getattr(target, "produces", None) or {})
 
     async def setup(self, invoker: Invoker, context: Any) -> None:
         if self._setup is not None:

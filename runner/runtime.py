@@ -21,6 +21,7 @@ from flowrun.loader import LoadedFlow
 from flowrun.message import HOPS_HEADER, Envelope
 from flowrun.outgoing import Outgoing
 from flowrun.plugins import Handler, Invoker, Producer, resolve
+from flowrun.schemas import SchemaError, TopicSchema, load_topic_schema
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class FlowRuntime:
         self._producers: dict[str, tuple[Producer, Context, Invoker]] = {}
         self._producer_tasks: dict[str, asyncio.Task[None]] = {}
         self._handlers: dict[str, tuple[Handler, Context]] = {}
+        self._schemas: dict[str, TopicSchema] = {}
         self._started = False
 
     def _selected(self, name: str) -> bool:
@@ -88,6 +90,7 @@ class FlowRuntime:
     async def start(self) -> None:
         """Declare the topology, load and set up plugins, then start delivering and producing."""
         loop = asyncio.get_running_loop()
+        self._load_schemas()
         await self.broker.start(build_topology(self.flow))
         self._started = True
 
@@ -111,6 +114,15 @@ class FlowRuntime:
         for name in self._producers:
             await self.broker.set_producer_state(name, False)
             self._producer_tasks[name] = asyncio.create_task(self._run_producer(name), name=f"flowrun-producer-{name}")
+
+    def _load_schemas(self) -> None:
+        for name, topic_spec in self.flow.spec.topics.items():
+            if topic_spec.schema_ is None:
+                continue
+            try:
+                self._schemas[name] = load_topic_schema(name, topic_spec.schema_, self.flow.path.parent)
+            except SchemaError as error:
+                raise FlowrunError(f"{self.flow.locate_value('topics', name, 'schema')}: error: {error}") from None
 
     def _load_plugins(self, loop: asyncio.AbstractEventLoop) -> None:
         spec = self.flow.spec
@@ -166,6 +178,9 @@ class FlowRuntime:
                 f"message to topic '{topic}' passed {hops} handlers, above max_hops {self.flow.spec.max_hops}; "
                 "the flow loops, so the message goes to the dead-letter topic"
             )
+        schema = self._schemas.get(topic)
+        if schema is not None:
+            schema.validate(payload)
         body = codec.encode(payload, topic)
         return Envelope(message_id or uuid.uuid4().hex, topic, body, key, headers, self.clock.wall())
 

@@ -89,6 +89,12 @@ class TopicSpec(StrictModel):
         10_000, ge=1, description="Per-subscription bound on messages waiting; publish waits or fails beyond it."
     )
     on_full: OnFull = Field(OnFull.BLOCK, description="block: publish waits for room; reject: publish raises.")
+    schema_: str | None = Field(
+        None,
+        alias="schema",
+        description="Payload schema: a pydantic model (package.module:Model) or a JSON Schema file "
+        "(.json, .yaml or .yml, relative to the flow file). Publishing a payload that does not match fails.",
+    )
 
 
 class ProducerSpec(StrictModel):

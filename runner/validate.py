@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable
 
-from pydantic import ValidationError
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from flowrun import problems
 from flowrun.brokers import BACKENDS, effective_spec
@@ -16,6 +17,8 @@ from flowrun.graph import build_graph, label, subscriber, topic, topic_cycles
 from flowrun.loader import LoadedFlow, read_flow
 from flowrun.plugins import Handler, Producer, resolve
 from flowrun.problems import Problem
+from flowrun.durations import format_duration
+from flowrun.schemas import SCHEMA_FILE_SUFFIXES, SchemaError, TopicSchema, fit_problems, load_topic_schema, model_schema
 from flowrun.spec import AckPolicy, DeliveryMode
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,22 @@ def check_flow(flow: LoadedFlow, import_plugins: bool = True) -> list[Problem]:
     found += check_settings(flow)
     if import_plugins:
         found += check_plugins(flow)
+    else:
+        found += check_schema_files(flow)
+    return found
+
+
+def check_schema_files(flow: LoadedFlow) -> list[Problem]:
+    """Without imports, still load the schemas that are files rather than models."""
+    found: list[Problem] = []
+    for name, topic_spec in flow.spec.topics.items():
+        reference = topic_spec.schema_
+        if reference is None or not reference.endswith(SCHEMA_FILE_SUFFIXES):
+            continue
+        try:
+            load_topic_schema(name, reference, flow.path.parent)
+        except SchemaError as error:
+            found.append(problems.error(flow.locate_value("topics", name, "schema"), str(error)))
     return found
 
 
@@ -132,9 +151,48 @@ def check_broker(flow: LoadedFlow) -> list[Problem]:
     return []
 
 
+def check_timing(flow: LoadedFlow) -> list[Problem]:
+    """Warn about timing settings with a concrete bad consequence."""
+    found: list[Problem] = []
+    consumed = {sub.topic for sub in flow.spec.subscribers.values()}
+
+    for name, sub in flow.spec.subscribers.items():
+        if sub.ack is AckPolicy.NONE:
+            continue
+        if sub.handler_timeout is not None and sub.ack_timeout < sub.handler_timeout:
+            found.append(problems.warning(
+                flow.locate_value("subscribers", name, "ack_timeout"),
+                f"ack_timeout {format_duration(sub.ack_timeout)} of subscriber '{name}' is shorter than its "
+                f"handler_timeout {format_duration(sub.handler_timeout)}: a slow handler's message is delivered "
+                "again while the first call still runs (duplicate work); raise ack_timeout above handler_timeout",
+            ))
+        if sub.mode is DeliveryMode.PULL and sub.batch_size > sub.concurrency:
+            slowest = sub.batch_size / sub.concurrency
+            if sub.handler_timeout is not None and slowest * sub.handler_timeout > sub.ack_timeout:
+                found.append(problems.warning(
+                    flow.locate_value("subscribers", name, "batch_size"),
+                    f"subscriber '{name}' fetches {sub.batch_size} messages for {sub.concurrency} handler slots; "
+                    f"the last of a batch may wait {format_duration(slowest * sub.handler_timeout)}, past its "
+                    f"ack_timeout {format_duration(sub.ack_timeout)}, and be delivered twice",
+                ))
+        if sub.max_deliveries > 100:
+            found.append(problems.warning(
+                flow.locate_value("subscribers", name, "max_deliveries"),
+                f"subscriber '{name}' retries a failing message up to {sub.max_deliveries} times; a poison message "
+                "occupies the subscription that long",
+            ))
+        if sub.dead_letter and sub.dead_letter in flow.spec.topics and sub.dead_letter not in consumed:
+            found.append(problems.warning(
+                flow.locate_value("subscribers", name, "dead_letter"),
+                f"dead-letter topic '{sub.dead_letter}' of subscriber '{name}' has no subscriber, so dead letters "
+                "are only visible through 'flowrun dlq'",
+            ))
+    return found
+
+
 def check_settings(flow: LoadedFlow) -> list[Problem]:
     """Warn about settings that have no effect or a surprising one."""
-    found: list[Problem] = check_broker(flow)
+    found: list[Problem] = check_broker(flow) + check_timing(flow)
     for name, sub in flow.spec.subscribers.items():
         fields = sub.model_fields_set
         if sub.ack is AckPolicy.NONE:
@@ -159,17 +217,79 @@ def check_settings(flow: LoadedFlow) -> list[Problem]:
 
 
 def check_plugins(flow: LoadedFlow) -> list[Problem]:
-    """Import every plugin the flow names and check it has a supported shape."""
+    """Import every plugin the flow names, check its shape, then check schemas along edges."""
     found: list[Problem] = []
     search_path = flow.path.parent
-    entries: Iterable[tuple[str, str, type[Handler] | type[Producer]]] = [
-        *(("producers", name, Producer) for name in flow.spec.producers),
-        *(("subscribers", name, Handler) for name in flow.spec.subscribers),
-    ]
-    for section, name, shape in entries:
-        reference = getattr(flow.spec, section)[name].plugin
+    handlers: dict[str, Handler] = {}
+    producers: dict[str, Producer] = {}
+
+    for name, producer_spec in flow.spec.producers.items():
         try:
-            shape(reference, resolve(reference, search_path))
+            producers[name] = Producer(producer_spec.plugin, resolve(producer_spec.plugin, search_path))
         except PluginError as error:
-            found.append(problems.error(flow.locate_value(section, name, "plugin"), str(error)))
+            found.append(problems.error(flow.locate_value("producers", name, "plugin"), str(error)))
+
+    for name, subscriber_spec in flow.spec.subscribers.items():
+        try:
+            handlers[name] = Handler(subscriber_spec.plugin, resolve(subscriber_spec.plugin, search_path))
+        except PluginError as error:
+            found.append(problems.error(flow.locate_value("subscribers", name, "plugin"), str(error)))
+
+    return found + check_schemas(flow, handlers, producers)
+
+
+def load_schemas(flow: LoadedFlow) -> tuple[dict[str, TopicSchema], list[Problem]]:
+    """Load every topic's schema; a schema that cannot be loaded is an error at its key."""
+    schemas: dict[str, TopicSchema] = {}
+    found: list[Problem] = []
+    for name, topic_spec in flow.spec.topics.items():
+        if topic_spec.schema_ is None:
+            continue
+        try:
+            schemas[name] = load_topic_schema(name, topic_spec.schema_, flow.path.parent)
+        except SchemaError as error:
+            found.append(problems.error(flow.locate_value("topics", name, "schema"), str(error)))
+    return schemas, found
+
+
+def check_schemas(flow: LoadedFlow, handlers: dict[str, Handler], producers: dict[str, Producer]) -> list[Problem]:
+    """Check that what plugins publish fits each topic's schema and what handlers expect is provided."""
+    schemas, found = load_schemas(flow)
+
+    for name, handler in handlers.items():
+        sub = flow.spec.subscribers[name]
+        if handler.input_model is not None and sub.ack is AckPolicy.EXPLICIT:
+            found.append(problems.error(flow.locate_value("subscribers", name, "ack"),
+                                        f"subscriber '{name}' receives a parsed {handler.input_model.__qualname__}, "
+                                        "which cannot be acked; annotate the parameter as flowrun.Message or use ack: auto"))
+        if handler.consumes is not None and sub.topic in schemas:
+            topic_schema = schemas[sub.topic]
+            for problem in fit_problems(topic_schema.json_schema, model_schema(handler.consumes)):
+                found.append(problems.error(
+                    flow.locate_value("subscribers", name, "topic"),
+                    f"subscriber '{name}' expects {handler.consumes.__qualname__} but topic '{sub.topic}' "
+                    f"({topic_schema.reference}) does not guarantee it: {problem}",
+                ))
+        found += _check_produces(flow, "subscribers", name, handler.produces, schemas)
+
+    for name, producer in producers.items():
+        found += _check_produces(flow, "producers", name, producer.produces, schemas)
+    return found
+
+
+def _check_produces(
+    flow: LoadedFlow, section: str, name: str, produces: dict[str, Any], schemas: dict[str, TopicSchema]
+) -> list[Problem]:
+    found: list[Problem] = []
+    noun = section.rstrip("s")
+    for topic_name, model in produces.items():
+        if topic_name not in schemas or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        topic_schema = schemas[topic_name]
+        for problem in fit_problems(model_schema(model), topic_schema.json_schema):
+            found.append(problems.error(
+                flow.locate_value(section, name, "plugin"),
+                f"{noun} '{name}' publishes {model.__qualname__} to topic '{topic_name}', which does not fit "
+                f"the topic's schema ({topic_schema.reference}): {problem}",
+            ))
     return found

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from flowrun_plugins.orders import schemas
 from flowrun_plugins.orders.errors import InvalidPayloadError
 from flowrun_plugins.orders.gateway import ChargeDecision, GatewaySettings, PaymentGateway
 from flowrun_plugins.orders.money import format_amount, invoice_total
@@ -94,6 +95,10 @@ def failed_payload(request: ChargeRequest, reason: str) -> dict[str, Any]:
 
 class Billing:
     """Async handler for OrderPlaced that takes payment and publishes the outcome."""
+
+    # Declared for `flowrun validate`, which checks them against the topics' schemas.
+    consumes = schemas.OrderPlaced
+    produces = {"PaymentSucceeded": schemas.PaymentSucceeded, "PaymentFailed": schemas.PaymentFailed}
 
     def __init__(self) -> None:
         self._gateway = PaymentGateway(GatewaySettings())

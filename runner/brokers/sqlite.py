@@ -64,6 +64,8 @@ class _Store:
         self.data_version = -1
         # Subscriptions that received messages since the broker last took this set.
         self.arrivals: set[str] = set()
+        # Deliveries under ack: none that are not settled yet; they have no row any more.
+        self.unsettled: set[tuple[str, int]] = set()
 
     # Opening
 
@@ -237,6 +239,7 @@ class _Store:
         if config.ack is AckPolicy.NONE:
             # At-most-once: the message leaves the queue as it is delivered.
             self._remove(config.name, seq)
+            self.unsettled.add((config.name, lease))
         else:
             self._db.execute(
                 "UPDATE deliveries SET leased = 1, lease = ?, visible_at = ?, delivery_count = ?, "
@@ -286,7 +289,9 @@ class _Store:
         acked = 0
         for tag in tags:
             if config.ack is AckPolicy.NONE:
-                acked += 1
+                if (subscription, tag.lease) in self.unsettled:
+                    self.unsettled.discard((subscription, tag.lease))
+                    acked += 1
                 continue
             if self._holds(subscription, tag):
                 self._remove(subscription, tag.seq)
@@ -299,6 +304,9 @@ class _Store:
         config = self.configs[subscription]
         for nack in nacks:
             if config.ack is AckPolicy.NONE:
+                if (subscription, nack.tag.lease) not in self.unsettled:
+                    continue
+                self.unsettled.discard((subscription, nack.tag.lease))
                 self._count(subscription, "dropped")
                 logger.warning("dropped message seq %d of subscription '%s' (ack: none): %s", nack.tag.seq,
                                subscription, nack.error.message if nack.error else "no error recorded")
@@ -412,7 +420,7 @@ class _Store:
             else:
                 gauge["pending"] = count
                 gauge["delayed"] = delayed or 0
-            if oldest is not None and (gauge["oldest"] is None or oldest < gauge["oldest"]):
+            if not leased and oldest is not None:
                 gauge["oldest"] = oldest
 
         for row in connection.execute(
