@@ -56,7 +56,10 @@ def require_server(backend: str) -> None:
     try:
         __import__(module_name)
     except ModuleNotFoundError as error:
-        reason = f"{backend} backend needs the package '{error.name}' (pip install -e '.[test]')"
+        if error.name == module_name:
+            reason = f"the {backend} backend module {module_name} is missing from this checkout"
+        else:
+            reason = f"the {backend} backend needs the package '{error.name}' (pip install -e '.[test]')"
         if IN_CI:
             pytest.fail(reason)
         pytest.skip(reason)

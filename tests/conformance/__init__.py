@@ -1,0 +1,1 @@
+"""Broker conformance suite: every backend must pass these through the `Broker` interface alone."""

@@ -1,0 +1,104 @@
+"""Backpressure: `max_pending` with `on_full: block` or `reject`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flowrun import QueueFullError
+from flowrun.spec import OnFull
+
+from .helpers import (
+    SUBSCRIPTION,
+    WAIT_SECONDS,
+    envelope,
+    envelopes,
+    fetch_one,
+    is_still_pending,
+    published_count,
+    subscription,
+    subscription_stats,
+)
+
+# How long a publish must stay blocked to count as blocked.
+BLOCKED_CHECK_SECONDS = 0.3
+
+
+async def test_full_subscription_blocks_publish_until_ack(broker_factory):
+    broker = await broker_factory(subscription(max_pending=2, on_full=OnFull.BLOCK))
+    await broker.publish(envelopes(2))
+
+    blocked = asyncio.create_task(broker.publish([envelope()]))
+    try:
+        blocked_while_ready = await is_still_pending(blocked, BLOCKED_CHECK_SECONDS)
+        # A delivery in flight still occupies its place.
+        delivery = await fetch_one(broker)
+        blocked_while_in_flight = await is_still_pending(blocked, BLOCKED_CHECK_SECONDS)
+        count_while_blocked = await published_count(broker, "Orders")
+
+        await broker.ack(SUBSCRIPTION, [delivery.tag])
+        await asyncio.wait_for(blocked, WAIT_SECONDS)
+    finally:
+        blocked.cancel()
+    stats = await subscription_stats(broker)
+
+    assert blocked_while_ready
+    assert blocked_while_in_flight
+    assert count_while_blocked == 2
+    assert await published_count(broker, "Orders") == 3
+    assert stats["pending"] == 2
+    assert stats["acked"] == 1
+
+
+async def test_one_full_subscription_blocks_topic(broker_factory):
+    broker = await broker_factory(
+        subscription("billing", max_pending=1), subscription("shipping", max_pending=100)
+    )
+    await broker.publish([envelope()])
+
+    blocked = asyncio.create_task(broker.publish([envelope()]))
+    try:
+        blocked_by_billing = await is_still_pending(blocked, BLOCKED_CHECK_SECONDS)
+        delivery = await fetch_one(broker, "billing")
+        await broker.ack("billing", [delivery.tag])
+        await asyncio.wait_for(blocked, WAIT_SECONDS)
+    finally:
+        blocked.cancel()
+    shipping = await subscription_stats(broker, "shipping")
+
+    assert blocked_by_billing
+    assert shipping["pending"] == 2
+
+
+async def test_full_subscription_rejects_publish(broker_factory):
+    broker = await broker_factory(subscription(max_pending=2, on_full=OnFull.REJECT))
+    await broker.publish(envelopes(2))
+
+    with pytest.raises(QueueFullError):
+        await broker.publish([envelope()])
+    count_after_reject = await published_count(broker, "Orders")
+    pending_after_reject = (await subscription_stats(broker))["pending"]
+
+    delivery = await fetch_one(broker)
+    await broker.ack(SUBSCRIPTION, [delivery.tag])
+    await broker.publish([envelope()])
+
+    assert count_after_reject == 2
+    assert pending_after_reject == 2
+    assert await published_count(broker, "Orders") == 3
+
+
+async def test_rejected_message_reaches_no_subscription(broker_factory):
+    broker = await broker_factory(
+        subscription("billing", max_pending=1, on_full=OnFull.REJECT),
+        subscription("shipping", max_pending=100, on_full=OnFull.REJECT),
+    )
+    await broker.publish([envelope()])
+
+    with pytest.raises(QueueFullError):
+        await broker.publish([envelope()])
+    shipping = await subscription_stats(broker, "shipping")
+
+    assert shipping["pending"] == 1
+    assert await published_count(broker, "Orders") == 1
