@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import inspect
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,7 +31,8 @@ from flowrun.spec import AckPolicy, OnFull, RetrySpec
 
 logger = logging.getLogger(__name__)
 
-DeliveryCallback = Callable[[Delivery], Awaitable[None]]
+# Push consumers call this for each delivery; an awaitable it returns runs as a task.
+DeliveryCallback = Callable[[Delivery], Awaitable[None] | None]
 
 
 @dataclass(frozen=True)
@@ -228,9 +230,11 @@ class FetchConsumer:
 
             for delivery in deliveries:
                 self.outstanding.add(delivery.tag)
-                task = asyncio.create_task(self.callback(delivery))
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
+                result = self.callback(delivery)
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(result)
+                    self._handlers.add(task)
+                    task.add_done_callback(self._handlers.discard)
             self.peak_outstanding = max(self.peak_outstanding, len(self.outstanding))
 
     async def stop(self) -> None:

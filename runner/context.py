@@ -61,6 +61,15 @@ class Context:
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self.flow_path.parent / path).resolve()
 
+    def check_topic(self, topic: str) -> None:
+        """Raise UndeclaredTopicError unless `topic` is in this plugin's `publishes` list."""
+        if topic not in self.publishes:
+            allowed = ", ".join(self.publishes) or "none"
+            raise UndeclaredTopicError(
+                f"'{self.name}' published to topic '{topic}', which is not in its publishes list "
+                f"(allowed: {allowed}); add '{topic}' to publishes of '{self.name}' in the flow file"
+            )
+
     def publish(
         self,
         topic: str,
@@ -70,12 +79,7 @@ class Context:
         id: str | None = None,
     ) -> Any:
         """Publish `payload` to `topic`; see the class docstring for sync and async use."""
-        if topic not in self.publishes:
-            allowed = ", ".join(self.publishes) or "none"
-            raise UndeclaredTopicError(
-                f"'{self.name}' published to topic '{topic}', which is not in its publishes list "
-                f"(allowed: {allowed}); add '{topic}' to publishes of '{self.name}' in the flow file"
-            )
+        self.check_topic(topic)
 
         headers = dict(headers or {})
         hops = current_hops.get()

@@ -103,7 +103,12 @@ class SettleBatcher:
 
 
 class SubscriptionWorker:
-    """Delivers one subscription's messages to its handler under the subscription's policies."""
+    """Delivers one subscription's messages to its handler under the subscription's policies.
+
+    A feeder (the broker's push consumer, or the pull loop) puts deliveries on a local
+    queue, and `concurrency` long-lived worker tasks take them from it, so no task is
+    created per message.
+    """
 
     def __init__(
         self,
@@ -127,20 +132,26 @@ class SubscriptionWorker:
         self.active = 0
         self.handled = 0
         self.failed = 0
-        self._slots = asyncio.Semaphore(spec.concurrency)
+        # asyncio.Queue wakes one waiting worker per delivery, not all of them.
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._settled_locally = asyncio.Event()
         self._pulled = 0
         self._capacity = asyncio.Event()
         self._consumer: FetchConsumer | None = None
         self._pull_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._workers: list[asyncio.Task[None]] = []
         self._errors = RepeatLimiter(logger, broker.clock)
         self._loop = asyncio.get_running_loop()
 
     # Lifecycle
 
     def start(self) -> None:
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"flowrun-handler-{self.name}-{index}")
+            for index in range(self.spec.concurrency)
+        ]
         if self.spec.mode is DeliveryMode.PUSH:
-            self._consumer = self.broker.consume(self.name, self._dispatch, self.spec.effective_max_in_flight)
+            self._consumer = self.broker.consume(self.name, self._enqueue, self.spec.effective_max_in_flight)
         else:
             self._pull_task = asyncio.create_task(self._pull_loop(), name=f"flowrun-pull-{self.name}")
         logger.info("subscriber '%s' started on topic '%s' (%s, ack %s)", self.name, self.spec.topic,
@@ -157,26 +168,51 @@ class SubscriptionWorker:
                 pass
             self._pull_task = None
 
-    @property
-    def running(self) -> set[asyncio.Task[None]]:
-        tasks = set(self._tasks)
-        if self._consumer is not None:
-            tasks |= self._consumer.running_handlers
-        return tasks
+    async def finish(self, timeout: float) -> int:
+        """Let queued and running deliveries finish within `timeout`; return how many did not."""
+        deadline = self.broker.clock.monotonic() + timeout
+        while self._queue.qsize() or self.active:
+            remaining = deadline - self.broker.clock.monotonic()
+            if remaining <= 0:
+                break
+            self._settled_locally.clear()
+            await self.broker.clock.wait(self._settled_locally, remaining)
+
+        unfinished = self._queue.qsize() + self.active
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+
+        # Fetched but never started: hand them back at once instead of waiting for the ack timeout.
+        while not self._queue.empty():
+            delivery = self._queue.get_nowait()
+            self.batcher.nack(Nack(delivery.tag, delay=0.0))
+        return unfinished
 
     @property
     def idle(self) -> bool:
-        return self.active == 0 and not self.running and not self.batcher.busy
+        return self.active == 0 and self._queue.empty() and not self.batcher.busy
 
     # Taking deliveries
 
-    async def _dispatch(self, delivery: Delivery) -> None:
-        async with self._slots:
-            await self._handle(delivery)
+    def _enqueue(self, delivery: Delivery) -> None:
+        self._queue.put_nowait(delivery)
+
+    async def _work(self) -> None:
+        while True:
+            delivery = await self._queue.get()
+            try:
+                await self._handle(delivery)
+            finally:
+                if self._pull_task is not None:
+                    self._pulled -= 1
+                    self._capacity.set()
+                self._settled_locally.set()
 
     async def _pull_loop(self) -> None:
-        # Fetched messages wait for a free handler slot, so a batch larger than the
-        # concurrency is handled a few at a time while its leases run.
+        # Fetched messages wait for a free worker, so a batch larger than the concurrency
+        # is handled a few at a time while its leases run.
         capacity = max(self.spec.batch_size, self.spec.concurrency)
         while True:
             free = capacity - self._pulled
@@ -187,18 +223,9 @@ class SubscriptionWorker:
 
             batch = min(self.spec.batch_size, free)
             deliveries = await self.broker.fetch(self.name, batch, self.spec.max_wait)
+            self._pulled += len(deliveries)
             for delivery in deliveries:
-                self._pulled += 1
-                task = asyncio.create_task(self._handle_pulled(delivery))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    async def _handle_pulled(self, delivery: Delivery) -> None:
-        try:
-            await self._dispatch(delivery)
-        finally:
-            self._pulled -= 1
-            self._capacity.set()
+                self._enqueue(delivery)
 
     # Handling one delivery
 
@@ -235,9 +262,10 @@ class SubscriptionWorker:
             current_hops.reset(hops_token)
 
         # Publishes the handler started but did not await must be stored before the ack.
-        for outcome in await asyncio.gather(*publishes, return_exceptions=True):
-            if isinstance(outcome, BaseException) and error is None:
-                error = outcome
+        if publishes:
+            for outcome in await asyncio.gather(*publishes, return_exceptions=True):
+                if isinstance(outcome, BaseException) and error is None:
+                    error = outcome
         return error
 
     async def _call_handler(self, message: Message) -> None:

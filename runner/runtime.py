@@ -217,24 +217,29 @@ class FlowRuntime:
             return producer.start(context)
         return await invoker.call(producer.start, context)
 
-    def _route(self, name: str, context: Context, item: Any) -> tuple[str, Any, str | None, dict[str, str] | None, str | None]:
+    def _route(self, name: str, context: Context, item: Any) -> Envelope:
+        """Turn a produced item into an envelope, checking its topic against `publishes`."""
         if isinstance(item, Outgoing):
-            return item.topic, item.payload, item.key, item.headers, item.id
-        if len(context.publishes) != 1:
+            topic, payload, key, headers, message_id = item.topic, item.payload, item.key, item.headers, item.id
+        elif len(context.publishes) == 1:
+            topic, payload, key, headers, message_id = context.publishes[0], item, None, None, None
+        else:
             raise FlowrunError(f"producer '{name}' publishes to {len(context.publishes)} topics, so each item "
                                "must be a flowrun.Outgoing naming its topic")
-        return context.publishes[0], item, None, None, None
+        context.check_topic(topic)
+        return self._envelope(topic, payload, key, dict(headers) if headers else None, message_id)
 
     async def _publish_async_items(self, name: str, context: Context, items: AsyncIterator[Any]) -> None:
         async for item in items:
-            await context.publish(*self._route(name, context, item))
+            await self.broker.publish([self._route(name, context, item)])
 
     async def _publish_sync_items(self, name: str, context: Context, invoker: Invoker, items: Iterator[Any]) -> None:
-        # Sync iterators may block (files, network), so chunks of items are read on a thread.
+        # Sync iterators may block (files, network), so chunks of items are read on a thread
+        # and each chunk is published as one batch.
         while True:
             chunk = await invoker.call(_take, items, SYNC_ITERATOR_CHUNK)
-            for item in chunk:
-                await context.publish(*self._route(name, context, item))
+            if chunk:
+                await self.broker.publish([self._route(name, context, item) for item in chunk])
             if len(chunk) < SYNC_ITERATOR_CHUNK:
                 return
 
@@ -289,18 +294,16 @@ class FlowRuntime:
         return RunResult(report, list(self.failures))
 
     async def _finish_handlers(self) -> None:
-        running = set().union(*(worker.running for worker in self.workers.values())) if self.workers else set()
-        if not running:
-            return
-
         timeout = self.flow.spec.shutdown_timeout
-        logger.info("waiting up to %gs for %d running handlers", timeout, len(running))
-        done, pending = await asyncio.wait(running, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            logger.warning("cancelled %d handlers still running after %gs; their messages stay unacked", len(pending), timeout)
-            await asyncio.gather(*pending, return_exceptions=True)
+        busy = sum(1 for worker in self.workers.values() if not worker.idle)
+        if busy:
+            logger.info("waiting up to %gs for the running handlers of %d subscribers", timeout, busy)
+
+        results = await asyncio.gather(*(worker.finish(timeout) for worker in self.workers.values()))
+        unfinished = sum(results)
+        if unfinished:
+            logger.warning("stopped %d deliveries still running or queued after %gs; they stay unacked "
+                           "and are delivered again", unfinished, timeout)
 
     async def _close_plugins(self) -> None:
         for name, (handler, _) in self._handlers.items():

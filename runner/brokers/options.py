@@ -39,6 +39,11 @@ class RabbitmqOptions(StrictModel):
         "quorum", description="Queue type per subscription; quorum queues enforce the delivery limit."
     )
     confirm_timeout: Duration = Field(30.0, description="Longest wait for a publisher confirm.")
+    prefetch: int = Field(
+        100, ge=1, le=10_000,
+        description="Messages the server sends ahead to each subscription's consumer, on top of the push "
+        "max_in_flight or the pull batch; they wait in a local buffer until fetched.",
+    )
 
 
 class NatsOptions(StrictModel):
