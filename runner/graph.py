@@ -77,8 +77,25 @@ def _subscription_label(data: dict[str, object]) -> str:
     return f"{data.get('mode', '')}, ack {data.get('ack', '')}"
 
 
+def node_ids(graph: nx.DiGraph) -> dict[Node, str]:
+    """Identifiers safe for Mermaid and DOT, unique even when names differ only in punctuation."""
+    ids: dict[Node, str] = {}
+    taken: set[str] = set()
+    for node in sorted(graph.nodes):
+        kind, name = node
+        base = f"{kind}_" + "".join(character if character.isalnum() else "_" for character in name)
+        candidate, suffix = base, 2
+        while candidate in taken:
+            candidate, suffix = f"{base}_{suffix}", suffix + 1
+        taken.add(candidate)
+        ids[node] = candidate
+    return ids
+
+
 def to_mermaid(graph: nx.DiGraph) -> str:
     """Render the flow as a Mermaid flowchart: producers, topics, subscribers, dead-letter edges."""
+    ids = node_ids(graph)
+    _stable_id = ids.__getitem__
     lines = ["flowchart LR"]
     for node, data in sorted(graph.nodes(data=True)):
         node_id = _stable_id(node)
@@ -104,8 +121,10 @@ def to_mermaid(graph: nx.DiGraph) -> str:
 
 def to_dot(graph: nx.DiGraph) -> str:
     """Render the flow in Graphviz DOT."""
+    ids = node_ids(graph)
+    _stable_id = ids.__getitem__
     shapes = {"producer": "parallelogram", "topic": "cylinder", "subscriber": "box"}
-    lines = [f'digraph "{graph.graph.get("name", "flow")}" {{', "    rankdir=LR;", '    node [fontname="Helvetica"];']
+    lines = [f'digraph "{graph.graph.get("name", "flow")}" {{', "    rankdir=LR;", '    node [fontname="Helvetica"];', '    edge [fontname="Helvetica", fontsize=10];']
     for node, data in sorted(graph.nodes(data=True)):
         kind, name = node
         label = name if kind != "subscriber" else f"{name}\\n{data.get('plugin', '')}"
@@ -121,12 +140,6 @@ def to_dot(graph: nx.DiGraph) -> str:
         lines.append(f"    {_stable_id(source)} -> {_stable_id(target)}{attributes};")
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def _stable_id(node: Node) -> str:
-    kind, name = node
-    safe = "".join(character if character.isalnum() else "_" for character in name)
-    return f"{kind}_{safe}"
 
 
 def _dot_escape(text: str) -> str:

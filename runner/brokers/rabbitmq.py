@@ -94,7 +94,9 @@ SETTINGS_VERSION = 1
 # basic.qos prefetch_count is an unsigned 16-bit field.
 MAX_PREFETCH = 65_535
 
-# Message headers; the envelope's own headers travel as a nested table under HEADERS.
+# Message headers; the envelope's own headers travel as a nested table under HEADERS. Times
+# travel as decimal strings because pamqp 4.0 encodes a Python float as a 32-bit float, which
+# rounds Unix timestamps to about a minute.
 HEADERS = "flowrun-headers"
 KEY = "flowrun-key"
 PUBLISHED_AT = "flowrun-published-at"
@@ -827,7 +829,7 @@ class RabbitmqBroker(Broker):
             ARCHIVE_SUBSCRIPTION: config.name,
             ARCHIVE_TOPIC: delivery.envelope.topic,
             ARCHIVE_MESSAGE_ID: delivery.envelope.id,
-            ARCHIVE_DEAD_LETTERED_AT: letter.published_at,
+            ARCHIVE_DEAD_LETTERED_AT: repr(letter.published_at),
         }
         if letter.key is not None:
             headers[KEY] = letter.key
@@ -1018,12 +1020,12 @@ class RabbitmqBroker(Broker):
 def _encode(envelope: Envelope, deliveries: int = 0, first_delivered_at: float = 0.0,
             expiration: float | None = None) -> aio_pika.Message:
     """Build the AMQP message of an envelope; `deliveries` counts deliveries made before."""
-    headers: dict[str, Any] = {HEADERS: dict(envelope.headers), PUBLISHED_AT: envelope.published_at}
+    headers: dict[str, Any] = {HEADERS: dict(envelope.headers), PUBLISHED_AT: repr(envelope.published_at)}
     if envelope.key is not None:
         headers[KEY] = envelope.key
     if deliveries:
         headers[DELIVERIES] = deliveries
-        headers[FIRST_DELIVERED_AT] = first_delivered_at
+        headers[FIRST_DELIVERED_AT] = repr(first_delivered_at)
     return aio_pika.Message(envelope.body, headers=headers, message_id=envelope.id, expiration=expiration,
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
 
@@ -1037,13 +1039,19 @@ def _decode(message: AbstractIncomingMessage, topic: str) -> tuple[Envelope, int
     envelope = Envelope(message.message_id or uuid.uuid4().hex, topic, message.body,
                         None if key is None else str(key), envelope_headers, _published_at(message))
     earlier = int(headers.get(DELIVERIES, 0) or 0)
-    first_delivered_at = float(headers.get(FIRST_DELIVERED_AT, 0.0) or 0.0)
-    return envelope, earlier, first_delivered_at
+    return envelope, earlier, _time_header(headers, FIRST_DELIVERED_AT)
 
 
 def _published_at(message: AbstractIncomingMessage) -> float:
-    value = (message.headers or {}).get(PUBLISHED_AT)
-    return float(value) if isinstance(value, int | float) else 0.0
+    return _time_header(message.headers or {}, PUBLISHED_AT)
+
+
+def _time_header(headers: dict[str, Any], name: str) -> float:
+    """Read a Unix time written by `repr(float)`; 0.0 when it is missing or malformed."""
+    try:
+        return float(headers.get(name, 0.0))
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _returns(message: AbstractIncomingMessage) -> int:
@@ -1059,7 +1067,6 @@ def _archived_letter(number: int, message: AbstractIncomingMessage) -> dict[str,
     headers = message.headers or {}
     letter_headers = headers.get(HEADERS)
     key = headers.get(KEY)
-    at = headers.get(ARCHIVE_DEAD_LETTERED_AT)
     return {
         "number": number,
         "subscription": str(headers.get(ARCHIVE_SUBSCRIPTION, "")),
@@ -1068,7 +1075,7 @@ def _archived_letter(number: int, message: AbstractIncomingMessage) -> dict[str,
         "body": message.body,
         "key": None if key is None else str(key),
         "headers": {str(k): str(v) for k, v in letter_headers.items()} if isinstance(letter_headers, dict) else {},
-        "dead_lettered_at": float(at) if isinstance(at, int | float) else 0.0,
+        "dead_lettered_at": _time_header(headers, ARCHIVE_DEAD_LETTERED_AT),
     }
 
 
