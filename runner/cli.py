@@ -237,7 +237,8 @@ def publish(
     except FlowrunError as error:
         _print_error(str(error))
         raise typer.Exit(1) from None
-    print(f"published {count} messages to {topic}", file=sys.stderr)
+    noun = "message" if count == 1 else "messages"
+    print(f"published {count} {noun} to {topic}", file=sys.stderr)
 
 
 def _print_error(text: str) -> None:

@@ -286,7 +286,7 @@ class SubscriptionWorker:
         if model is None:
             return message
         try:
-            return model.model_validate(message.payload)
+            return model.model_validate_json(message.body, strict=True)
         except ValidationError as error:
             raise PayloadError(
                 f"message {message.id} on topic '{message.topic}' does not match {model.__qualname__}, "

@@ -19,7 +19,8 @@ from flowrun.yamlsource import PositionedDict, load_yaml, locate, locate_value
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
+_NAME = re.compile(NAME_PATTERN)
 _SECTION_NOUNS = {"topics": "topic", "producers": "producer", "subscribers": "subscriber"}
 _SECTION_MODELS: dict[str, type[BaseModel]] = {
     "topics": TopicSpec,

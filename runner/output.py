@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import typer
 
-from flowrun.errors import FlowrunError, PluginError
+from flowrun.errors import FlowrunError
 from flowrun.loader import LoadedFlow
 from flowrun.problems import Problem
 from flowrun.runtime import FlowRuntime
@@ -131,7 +131,7 @@ def read_payloads(inline: str | None, payload_file: Path | None, stdin: IO[str])
 
     for number, line in enumerate(stdin, start=1):
         if line.strip():
-            yield f"stdin:{number}", _parse_json(line, f"stdin line {number}")
+            yield f"stdin line {number}", _parse_json(line.strip(), f"stdin line {number}")
 
 
 def _parse_json(text: str, origin: str) -> Any:
@@ -151,14 +151,29 @@ async def publish_payloads(
     await runtime.start()
     count = 0
     try:
-        for origin, payload in payloads:
+        for origin, payload in _counted(payloads, lambda: count):
             try:
                 await runtime.publish(topic, payload, key)
             except FlowrunError as error:
-                raise FlowrunError(f"{origin}: {error}; {count} earlier messages were published") from None
+                raise FlowrunError(f"{origin}: {error}; {_messages(count)} published before it") from None
             count += 1
-    except PluginError:
-        raise
     finally:
         await runtime.stop()
     return count
+
+
+def _counted(payloads: Iterable[tuple[str, Any]], published: Any) -> Iterator[tuple[str, Any]]:
+    """Pass payloads through; a parse error also says how many were already published."""
+    iterator = iter(payloads)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except typer.BadParameter as error:
+            raise typer.BadParameter(f"{error.message}; {_messages(published())} published before it") from None
+        yield item
+
+
+def _messages(count: int) -> str:
+    return "1 earlier message was" if count == 1 else f"{count} earlier messages were"

@@ -178,10 +178,10 @@ class FlowRuntime:
                 f"message to topic '{topic}' passed {hops} handlers, above max_hops {self.flow.spec.max_hops}; "
                 "the flow loops, so the message goes to the dead-letter topic"
             )
+        body = codec.encode(payload, topic)
         schema = self._schemas.get(topic)
         if schema is not None:
-            schema.validate(payload)
-        body = codec.encode(payload, topic)
+            schema.validate(body)
         return Envelope(message_id or uuid.uuid4().hex, topic, body, key, headers, self.clock.wall())
 
     # Producers
@@ -238,8 +238,14 @@ class FlowRuntime:
         # and each chunk is published as one batch.
         while True:
             chunk = await invoker.call(_take, items, SYNC_ITERATOR_CHUNK)
-            if chunk:
-                await self.broker.publish([self._route(name, context, item) for item in chunk])
+            envelopes = []
+            try:
+                for item in chunk:
+                    envelopes.append(self._route(name, context, item))
+            finally:
+                # Items before an invalid one are published, as they would be one by one.
+                if envelopes:
+                    await self.broker.publish(envelopes)
             if len(chunk) < SYNC_ITERATOR_CHUNK:
                 return
 

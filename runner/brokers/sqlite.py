@@ -42,6 +42,36 @@ CROSS_PROCESS_POLL_SECONDS = 0.05
 SEEN_ID_PURGE_EVERY = 1000
 
 
+SQL_CHUNK = 400
+
+
+class _PublishBatch:
+    """Rows of one publish call, written with one executemany per table."""
+
+    def __init__(self, first_seq: int, now: float) -> None:
+        self.next_seq = first_seq
+        self.now = now
+        self.seen_rows: list[tuple[str, float]] = []
+        self.message_rows: list[tuple[Any, ...]] = []
+        self.delivery_rows: list[tuple[str, int, str | None, float]] = []
+        self.published: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+
+    def add(self, envelope: Envelope, holders: list[SubscriptionConfig]) -> None:
+        self.seen_rows.append((envelope.id, envelope.published_at))
+        self.published[envelope.topic] = self.published.get(envelope.topic, 0) + 1
+        if not holders:
+            return
+
+        seq = self.next_seq
+        self.next_seq += 1
+        self.message_rows.append((seq, envelope.id, envelope.topic, envelope.body, envelope.key,
+                                  json.dumps(envelope.headers), envelope.published_at, len(holders)))
+        for config in holders:
+            self.delivery_rows.append((config.name, seq, envelope.key, self.now))
+            self.sizes[config.name] = self.sizes.get(config.name, 0) + 1
+
+
 @dataclass(frozen=True)
 class _Tag:
     seq: int
@@ -76,6 +106,7 @@ class _Store:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={self.synchronous}")
         connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        connection.execute("PRAGMA temp_store=MEMORY")
         self.connection = connection
 
         # Every statement of the schema is idempotent, so processes opening the file at
@@ -103,6 +134,10 @@ class _Store:
                     (config.name, config.topic, settings),
                 )
                 self._check_topic_unchanged(config)
+            if any(config.ordered for config in topology.subscriptions):
+                # Only ordered subscriptions look up earlier messages of a key; the index
+                # costs every other publish a B-tree insert.
+                connection.execute("CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries (subscription, key, seq)")
 
     def _check_topic_unchanged(self, config: SubscriptionConfig) -> None:
         row = self._db.execute("SELECT topic FROM subscriptions WHERE name = ?", (config.name,)).fetchone()
@@ -129,47 +164,86 @@ class _Store:
     # Publishing
 
     def publish(self, envelopes: Sequence[Envelope], bounded: bool = True) -> int:
-        """Store envelopes in order; return how many were stored or skipped before a full queue."""
-        connection = self._db
+        """Store envelopes in order; return how many were stored (or skipped as repeats).
+
+        Stops at the first envelope that would overfill a subscription; the caller waits for
+        room and publishes the rest. Ids already seen within the dedup window are skipped.
+        """
+        seen = self._seen_ids([envelope.id for envelope in envelopes])
+        room: dict[str, int] = {}
+        batch = _PublishBatch(self._next_seq(), self.clock.wall())
+        stored = len(envelopes)
+
         for index, envelope in enumerate(envelopes):
-            if self._seen(envelope):
+            if envelope.id in seen:
                 logger.debug("skipped message %s: its id was already published", envelope.id)
                 continue
 
             holders = self.by_topic.get(envelope.topic, [])
-            if bounded and self._full(envelope.topic, holders):
-                return index
+            if bounded and not self._has_room(envelope.topic, holders, room):
+                stored = index
+                break
 
-            self._remember(envelope)
-            connection.execute("UPDATE topics SET published = published + 1 WHERE name = ?", (envelope.topic,))
-            if holders:
-                self._insert(envelope, holders)
-        return len(envelopes)
+            seen.add(envelope.id)
+            batch.add(envelope, holders)
+            for config in holders:
+                if config.name in room:
+                    room[config.name] -= 1
 
-    def _seen(self, envelope: Envelope) -> bool:
-        row = self._db.execute("SELECT 1 FROM seen_ids WHERE id = ?", (envelope.id,)).fetchone()
-        return row is not None
+        self._write_batch(batch)
+        return stored
 
-    def _remember(self, envelope: Envelope) -> None:
-        self._db.execute("INSERT INTO seen_ids VALUES (?, ?)", (envelope.id, envelope.published_at))
-        self.publishes_since_purge += 1
-        if self.publishes_since_purge >= SEEN_ID_PURGE_EVERY:
-            self.publishes_since_purge = 0
-            cutoff = self.clock.wall() - self.dedup_window
-            self._db.execute("DELETE FROM seen_ids WHERE published_at < ?", (cutoff,))
+    def _seen_ids(self, ids: list[str]) -> set[str]:
+        seen: set[str] = set()
+        for start in range(0, len(ids), SQL_CHUNK):
+            chunk = ids[start:start + SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            seen.update(row[0] for row in self._db.execute(f"SELECT id FROM seen_ids WHERE id IN ({marks})", chunk))
+        return seen
 
-    def _full(self, topic: str, holders: list[SubscriptionConfig]) -> bool:
+    def _next_seq(self) -> int:
+        (largest,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'messages'"
+                                      ).fetchone()
+        return int(largest) + 1
+
+    def _has_room(self, topic: str, holders: list[SubscriptionConfig], room: dict[str, int]) -> bool:
         for config in holders:
-            (size,) = self._db.execute("SELECT size FROM subscriptions WHERE name = ?", (config.name,)).fetchone()
-            if size < config.max_pending:
+            if config.name not in room:
+                (size,) = self._db.execute("SELECT size FROM subscriptions WHERE name = ?", (config.name,)).fetchone()
+                room[config.name] = config.max_pending - size
+            if room[config.name] > 0:
                 continue
             if config.on_full is OnFull.REJECT:
                 raise QueueFullError(
-                    f"subscription '{config.name}' of topic '{topic}' holds {size} messages, its max_pending; "
-                    "retry later or raise max_pending"
+                    f"subscription '{config.name}' of topic '{topic}' holds {config.max_pending} messages, "
+                    "its max_pending; retry later or raise max_pending"
                 )
-            return True
-        return False
+            return False
+        return True
+
+    def _write_batch(self, batch: _PublishBatch) -> None:
+        connection = self._db
+        if batch.seen_rows:
+            connection.executemany("INSERT INTO seen_ids VALUES (?, ?)", batch.seen_rows)
+            connection.executemany("UPDATE topics SET published = published + ? WHERE name = ?",
+                                   [(count, topic) for topic, count in batch.published.items()])
+        if batch.message_rows:
+            connection.executemany(
+                "INSERT INTO messages (seq, id, topic, body, key, headers, published_at, holders) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                batch.message_rows,
+            )
+            connection.executemany("INSERT INTO deliveries (subscription, seq, key, visible_at) VALUES (?, ?, ?, ?)",
+                                   batch.delivery_rows)
+            connection.executemany("UPDATE subscriptions SET size = size + ? WHERE name = ?",
+                                   [(count, name) for name, count in batch.sizes.items()])
+            self.arrivals.update(batch.sizes)
+
+        self.publishes_since_purge += len(batch.seen_rows)
+        if self.publishes_since_purge >= SEEN_ID_PURGE_EVERY:
+            self.publishes_since_purge = 0
+            cutoff = self.clock.wall() - self.dedup_window
+            connection.execute("DELETE FROM seen_ids WHERE published_at < ?", (cutoff,))
 
     def _insert(self, envelope: Envelope, holders: list[SubscriptionConfig]) -> None:
         connection = self._db
@@ -201,6 +275,7 @@ class _Store:
 
         rows = self._ready_rows(config, now, max_messages)
         deliveries = [self._lease(config, row, now) for row in rows]
+        self._write_leases(config, deliveries, now)
         if deliveries:
             self._db.execute(
                 "UPDATE subscriptions SET delivered = delivered + ?, redelivered = redelivered + ? WHERE name = ?",
@@ -236,17 +311,23 @@ class _Store:
         lease = self.leases
         envelope = Envelope(message_id, topic, body, key, json.loads(headers), published_at)
 
-        if config.ack is AckPolicy.NONE:
-            # At-most-once: the message leaves the queue as it is delivered.
-            self._remove(config.name, seq)
-            self.unsettled.add((config.name, lease))
-        else:
-            self._db.execute(
-                "UPDATE deliveries SET leased = 1, lease = ?, visible_at = ?, delivery_count = ?, "
-                "first_delivered_at = ? WHERE subscription = ? AND seq = ?",
-                (lease, now + config.ack_timeout, count, first_delivered_at, config.name, seq),
-            )
         return Delivery(envelope, config.name, count, _Tag(seq, lease), first_delivered_at)
+
+    def _write_leases(self, config: SubscriptionConfig, deliveries: list[Delivery], now: float) -> None:
+        if not deliveries:
+            return
+        if config.ack is AckPolicy.NONE:
+            # At-most-once: the messages leave the queue as they are delivered.
+            self._remove_many(config.name, [delivery.tag.seq for delivery in deliveries])
+            self.unsettled.update((config.name, delivery.tag.lease) for delivery in deliveries)
+            return
+
+        self._db.executemany(
+            "UPDATE deliveries SET leased = 1, lease = ?, visible_at = ?, delivery_count = ?, "
+            "first_delivered_at = ? WHERE subscription = ? AND seq = ?",
+            [(d.tag.lease, now + config.ack_timeout, d.delivery_count, d.first_delivered_at, config.name, d.tag.seq)
+             for d in deliveries],
+        )
 
     def _expire_leases(self, config: SubscriptionConfig, now: float) -> list[_Tag]:
         """Return expired leases of this subscription to the queue (or give them up)."""
@@ -287,15 +368,15 @@ class _Store:
     def ack(self, subscription: str, tags: Sequence[_Tag]) -> int:
         config = self.configs[subscription]
         acked = 0
-        for tag in tags:
-            if config.ack is AckPolicy.NONE:
+        if config.ack is AckPolicy.NONE:
+            for tag in tags:
                 if (subscription, tag.lease) in self.unsettled:
                     self.unsettled.discard((subscription, tag.lease))
                     acked += 1
-                continue
-            if self._holds(subscription, tag):
-                self._remove(subscription, tag.seq)
-                acked += 1
+        if config.ack is not AckPolicy.NONE:
+            seqs = self._delete_leased(subscription, tags)
+            self._release_messages(subscription, seqs)
+            acked += len(seqs)
         if acked:
             self._db.execute("UPDATE subscriptions SET acked = acked + ? WHERE name = ?", (acked, subscription))
         return acked
@@ -374,11 +455,39 @@ class _Store:
         self.publish([letter], bounded=False)
 
     def _remove(self, subscription: str, seq: int) -> None:
+        self._remove_many(subscription, [seq])
+
+    def _remove_many(self, subscription: str, seqs: list[int]) -> None:
+        for start in range(0, len(seqs), SQL_CHUNK):
+            chunk = seqs[start:start + SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            self._db.execute(f"DELETE FROM deliveries WHERE subscription = ? AND seq IN ({marks})", [subscription, *chunk])
+        self._release_messages(subscription, seqs)
+
+    def _delete_leased(self, subscription: str, tags: Sequence[_Tag]) -> list[int]:
+        """Delete the rows these leases still hold; return their seqs (stale leases delete nothing)."""
+        seqs: list[int] = []
+        execute = self._db.execute
+        for tag in tags:
+            row = execute(
+                "DELETE FROM deliveries WHERE subscription = ? AND seq = ? AND lease = ? AND leased = 1 RETURNING seq",
+                (subscription, tag.seq, tag.lease),
+            ).fetchone()
+            if row is not None:
+                seqs.append(row[0])
+        return seqs
+
+    def _release_messages(self, subscription: str, seqs: list[int]) -> None:
+        """After deleting delivery rows: shrink the subscription and drop messages nobody holds."""
+        if not seqs:
+            return
         connection = self._db
-        connection.execute("DELETE FROM deliveries WHERE subscription = ? AND seq = ?", (subscription, seq))
-        connection.execute("UPDATE subscriptions SET size = size - 1 WHERE name = ?", (subscription,))
-        connection.execute("UPDATE messages SET holders = holders - 1 WHERE seq = ?", (seq,))
-        connection.execute("DELETE FROM messages WHERE seq = ? AND holders <= 0", (seq,))
+        connection.execute("UPDATE subscriptions SET size = size - ? WHERE name = ?", (len(seqs), subscription))
+        for start in range(0, len(seqs), SQL_CHUNK):
+            chunk = seqs[start:start + SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            connection.execute(f"UPDATE messages SET holders = holders - 1 WHERE seq IN ({marks})", chunk)
+            connection.execute(f"DELETE FROM messages WHERE seq IN ({marks}) AND holders <= 0", chunk)
 
     def _count(self, subscription: str, column: str) -> None:
         self._db.execute(f"UPDATE subscriptions SET {column} = {column} + 1 WHERE name = ?", (subscription,))
@@ -624,18 +733,25 @@ class SqliteBroker(Broker):
                     job.future.set_exception(value)
 
     def _run_jobs(self, jobs: list[_Job]) -> list[tuple[bool, Any]]:
+        """Run all jobs in one transaction; if one fails, roll back and run each on its own.
+
+        Savepoints per job would isolate failures too, but cost more than the jobs on a
+        busy broker, and jobs fail rarely (a rejected publish, a disk error).
+        """
+        try:
+            with self._store.transaction():
+                return [(True, job.work()) for job in jobs]
+        except Exception as error:  # noqa: BLE001 - retried one by one below
+            if len(jobs) == 1:
+                return [(False, error)]
+
         results: list[tuple[bool, Any]] = []
-        connection = self._store._db
-        with self._store.transaction():
-            for job in jobs:
-                connection.execute("SAVEPOINT job")
-                try:
+        for job in jobs:
+            try:
+                with self._store.transaction():
                     results.append((True, job.work()))
-                    connection.execute("RELEASE job")
-                except Exception as error:  # noqa: BLE001 - one failing job must not undo the others
-                    connection.execute("ROLLBACK TO job")
-                    connection.execute("RELEASE job")
-                    results.append((False, error))
+            except Exception as error:  # noqa: BLE001 - each waiter gets its own failure
+                results.append((False, error))
         return results
 
     # Broker interface

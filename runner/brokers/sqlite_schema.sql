@@ -50,7 +50,6 @@ CREATE TABLE IF NOT EXISTS deliveries (
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS deliveries_ready ON deliveries (subscription, leased, visible_at, seq);
-CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries (subscription, key, seq);
 
 -- Ids seen within the idempotency window, so a republished id is stored once.
 CREATE TABLE IF NOT EXISTS seen_ids (
