@@ -24,6 +24,8 @@ class Envelope:
     key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     published_at: float = 0.0
+    dedupe: bool = False
+    """Whether the publisher chose the id, so a repeat within the dedup window is skipped."""
 
 
 @dataclass(slots=True)

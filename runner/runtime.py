@@ -182,7 +182,9 @@ class FlowRuntime:
         schema = self._schemas.get(topic)
         if schema is not None:
             schema.validate(body)
-        return Envelope(message_id or uuid.uuid4().hex, topic, body, key, headers, self.clock.wall())
+        if message_id is None:
+            return Envelope(uuid.uuid4().hex, topic, body, key, headers, self.clock.wall())
+        return Envelope(message_id, topic, body, key, headers, self.clock.wall(), dedupe=True)
 
     # Producers
 

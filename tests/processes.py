@@ -7,6 +7,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,26 @@ def handled_counts(database: Path) -> dict[str, int]:
     """Message id to how many times a recording handler handled it."""
     with sqlite3.connect(database) as connection:
         return dict(connection.execute("SELECT message_id, COUNT(*) FROM handled GROUP BY message_id").fetchall())
+
+
+def handled_total(database: Path) -> int:
+    """How many handlings the recording handler stored so far (0 before its table exists)."""
+    if not database.exists():
+        return 0
+    with sqlite3.connect(database, timeout=30) as connection:
+        try:
+            return int(connection.execute("SELECT COUNT(*) FROM handled").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    """Check `condition` every 20 ms until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.02)
 
 
 def handled_by_process(database: Path) -> dict[int, int]:

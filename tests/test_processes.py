@@ -11,6 +11,8 @@ import pytest
 
 from tests.processes import (
     handled_by_process,
+    handled_total,
+    wait_until,
     handled_counts,
     read_report,
     run_flowrun,
@@ -30,8 +32,11 @@ def test_kill_nine_loses_nothing(tmp_path: Path) -> None:
     chooser = random.Random(20261204)
 
     for _ in range(KILLS):
+        before = handled_total(tmp_path / "handled.db")
         process = start_flowrun("up", "flow.yaml", "--until-drained", cwd=tmp_path)
-        time.sleep(chooser.uniform(0.8, 1.6))
+        # Kill only once this run is handling messages, however slow the machine is to start it.
+        wait_until(lambda: handled_total(tmp_path / "handled.db") > before, timeout=60)
+        time.sleep(chooser.uniform(0.1, 0.6))
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
         assert process.returncode == -signal.SIGKILL

@@ -58,7 +58,8 @@ class _PublishBatch:
         self.sizes: dict[str, int] = {}
 
     def add(self, envelope: Envelope, holders: list[SubscriptionConfig]) -> None:
-        self.seen_rows.append((envelope.id, envelope.published_at))
+        if envelope.dedupe:
+            self.seen_rows.append((envelope.id, envelope.published_at))
         self.published[envelope.topic] = self.published.get(envelope.topic, 0) + 1
         if not holders:
             return
@@ -169,13 +170,13 @@ class _Store:
         Stops at the first envelope that would overfill a subscription; the caller waits for
         room and publishes the rest. Ids already seen within the dedup window are skipped.
         """
-        seen = self._seen_ids([envelope.id for envelope in envelopes])
+        seen = self._seen_ids([envelope.id for envelope in envelopes if envelope.dedupe])
         room: dict[str, int] = {}
         batch = _PublishBatch(self._next_seq(), self.clock.wall())
         stored = len(envelopes)
 
         for index, envelope in enumerate(envelopes):
-            if envelope.id in seen:
+            if envelope.dedupe and envelope.id in seen:
                 logger.debug("skipped message %s: its id was already published", envelope.id)
                 continue
 
@@ -184,7 +185,8 @@ class _Store:
                 stored = index
                 break
 
-            seen.add(envelope.id)
+            if envelope.dedupe:
+                seen.add(envelope.id)
             batch.add(envelope, holders)
             for config in holders:
                 if config.name in room:
@@ -225,6 +227,7 @@ class _Store:
         connection = self._db
         if batch.seen_rows:
             connection.executemany("INSERT INTO seen_ids VALUES (?, ?)", batch.seen_rows)
+        if batch.published:
             connection.executemany("UPDATE topics SET published = published + ? WHERE name = ?",
                                    [(count, topic) for topic, count in batch.published.items()])
         if batch.message_rows:
