@@ -40,6 +40,9 @@ BUSY_TIMEOUT_MS = 30_000
 # Commits of this process wake waiters at once.
 CROSS_PROCESS_POLL_SECONDS = 0.05
 SEEN_ID_PURGE_EVERY = 1000
+# Every VACUUM_EVERY removed deliveries, free pages beyond FREE_PAGES_KEPT are released.
+VACUUM_EVERY = 10_000
+FREE_PAGES_KEPT = 2_000
 
 
 SQL_CHUNK = 400
@@ -92,6 +95,7 @@ class _Store:
         self.by_topic: dict[str, list[SubscriptionConfig]] = {}
         self.leases = 0
         self.publishes_since_purge = 0
+        self.removed_since_vacuum = 0
         self.data_version = -1
         # Subscriptions that received messages since the broker last took this set.
         self.arrivals: set[str] = set()
@@ -104,6 +108,8 @@ class _Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                      check_same_thread=False)
+        # Must precede the first table; lets a surge's free pages go back to the file system.
+        connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={self.synchronous}")
         connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -485,12 +491,22 @@ class _Store:
         if not seqs:
             return
         connection = self._db
+        self.removed_since_vacuum += len(seqs)
+        if self.removed_since_vacuum >= VACUUM_EVERY:
+            self.removed_since_vacuum = 0
+            self._return_free_pages()
         connection.execute("UPDATE subscriptions SET size = size - ? WHERE name = ?", (len(seqs), subscription))
         for start in range(0, len(seqs), SQL_CHUNK):
             chunk = seqs[start:start + SQL_CHUNK]
             marks = ",".join("?" * len(chunk))
             connection.execute(f"UPDATE messages SET holders = holders - 1 WHERE seq IN ({marks})", chunk)
             connection.execute(f"DELETE FROM messages WHERE seq IN ({marks}) AND holders <= 0", chunk)
+
+    def _return_free_pages(self) -> None:
+        """Give free pages back once a backlog has drained, so the file shrinks after a surge."""
+        (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
+        if free > FREE_PAGES_KEPT:
+            self._db.execute(f"PRAGMA incremental_vacuum({free - FREE_PAGES_KEPT})")
 
     def _count(self, subscription: str, column: str) -> None:
         self._db.execute(f"UPDATE subscriptions SET {column} = {column} + 1 WHERE name = ?", (subscription,))
