@@ -26,6 +26,7 @@ from typing import Any
 
 from flowrun.clock import SYSTEM_CLOCK, Clock
 from flowrun.codec import iso_time
+from flowrun.errors import BrokerError
 from flowrun.message import Delivery, Envelope
 from flowrun.spec import AckPolicy, OnFull, RetrySpec
 
@@ -197,6 +198,43 @@ class Broker(abc.ABC):
             consumer.release(tag)
 
 
+class FetchFailures:
+    """Consecutive fetch failures of one consumer, for the backoff before the next try."""
+
+    FIRST_DELAY = 0.1
+    MAX_DELAY = 5.0
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def next_delay(self) -> float:
+        self.count += 1
+        return min(self.MAX_DELAY, self.FIRST_DELAY * 2 ** (self.count - 1))
+
+
+async def fetch_or_back_off(
+    broker: Broker, subscription: str, max_messages: int, timeout: float, failures: FetchFailures
+) -> list[Delivery]:
+    """Fetch; on a broker failure log it, wait with exponential backoff and return nothing.
+
+    A consumer keeps running through a broker outage instead of stopping for good.
+    """
+    try:
+        deliveries = await broker.fetch(subscription, max_messages, timeout)
+    except BrokerError as error:
+        delay = failures.next_delay()
+        if failures.count == 1 or failures.count % 10 == 0:
+            logger.warning("fetch from subscription '%s' failed (%d in a row), retrying in %gs: %s",
+                           subscription, failures.count, delay, error)
+        await broker.clock.sleep(delay)
+        return []
+
+    if failures.count:
+        logger.info("fetch from subscription '%s' works again after %d failures", subscription, failures.count)
+        failures.count = 0
+    return deliveries
+
+
 class FetchConsumer:
     """Push delivery built on `fetch`: dispatches while fewer than the cap are unacked."""
 
@@ -210,6 +248,7 @@ class FetchConsumer:
         self._room = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._failures = FetchFailures()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"flowrun-consume-{self.subscription}")
@@ -226,7 +265,7 @@ class FetchConsumer:
                 await self._room.wait()
 
             free = self.max_in_flight - len(self.outstanding)
-            deliveries = await self.broker.fetch(self.subscription, free, timeout=5.0)
+            deliveries = await fetch_or_back_off(self.broker, self.subscription, free, 5.0, self._failures)
 
             for delivery in deliveries:
                 self.outstanding.add(delivery.tag)

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flowrun.broker import Broker, ErrorInfo, FetchConsumer, Nack, SubscriptionConfig
+from flowrun.broker import Broker, ErrorInfo, FetchConsumer, FetchFailures, Nack, SubscriptionConfig, fetch_or_back_off
 from flowrun.context import Context, current_hops, current_publishes
 from flowrun.errors import HopLimitError, PayloadError
 from flowrun.logs import RepeatLimiter
@@ -140,6 +140,7 @@ class SubscriptionWorker:
         self._consumer: FetchConsumer | None = None
         self._pull_task: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
+        self._failures = FetchFailures()
         self._errors = RepeatLimiter(logger, broker.clock)
         self._loop = asyncio.get_running_loop()
 
@@ -222,7 +223,7 @@ class SubscriptionWorker:
                 continue
 
             batch = min(self.spec.batch_size, free)
-            deliveries = await self.broker.fetch(self.name, batch, self.spec.max_wait)
+            deliveries = await fetch_or_back_off(self.broker, self.name, batch, self.spec.max_wait, self._failures)
             self._pulled += len(deliveries)
             for delivery in deliveries:
                 self._enqueue(delivery)

@@ -1202,3 +1202,36 @@ async def test_handler_timeout_cancels_handler(folder):
     assert headers["flowrun.error_type"] == "TimeoutError"
     assert "handler_timeout" in headers["flowrun.error"]
     assert elapsed < 10.0, f"the run took {elapsed:.1f} s although each handler call is cut at 0.1 s"
+
+
+async def test_fetch_failure_does_not_stop_consumer() -> None:
+    """A broker error from one fetch is retried after a backoff; delivery goes on."""
+    from flowrun.broker import SubscriptionConfig
+    from flowrun.brokers.memory import MemoryBroker
+    from flowrun.errors import BrokerError
+    from flowrun.message import Envelope
+    from tests.conftest import make_topology
+
+    class FailsOnce(MemoryBroker):
+        calls = 0
+
+        async def fetch(self, subscription, max_messages, timeout):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            if self.calls == 1:
+                raise BrokerError("transient failure")
+            return await super().fetch(subscription, max_messages, timeout)
+
+    broker = FailsOnce()
+    await broker.start(make_topology(SubscriptionConfig("s", "T")))
+    received = asyncio.Event()
+
+    def callback(delivery):  # type: ignore[no-untyped-def]
+        received.set()
+
+    consumer = broker.consume("s", callback, 4)
+    await broker.publish([Envelope("one", "T", b"{}")])
+    await asyncio.wait_for(received.wait(), 5)
+    await consumer.stop()
+    await broker.close()
+
+    assert broker.calls >= 2
