@@ -147,7 +147,7 @@ class Broker(abc.ABC):
         self.clock = clock
         self.topology: Topology | None = None
         self._consumers: dict[str, list[FetchConsumer]] = {}
-        self._producer_states: dict[str, bool] = {}
+        self.__producer_states: dict[str, bool] = {}
 
     @abc.abstractmethod
     async def start(self, topology: Topology) -> None:
@@ -179,11 +179,11 @@ class Broker(abc.ABC):
 
     async def set_producer_state(self, name: str, finished: bool) -> None:
         """Record whether a producer finished, for processes that drain without running it."""
-        self._producer_states[name] = finished
+        self.__producer_states[name] = finished
 
     async def producers_finished(self, names: Sequence[str]) -> bool:
         """Whether every named producer recorded that it finished."""
-        return all(self._producer_states.get(name, False) for name in names)
+        return all(self.__producer_states.get(name, False) for name in names)
 
     def consume(self, subscription: str, callback: DeliveryCallback, max_in_flight: int) -> FetchConsumer:
         """Start push delivery of `subscription` to `callback`, at most `max_in_flight` unacked."""
@@ -267,6 +267,9 @@ class FetchConsumer:
             free = self.max_in_flight - len(self.outstanding)
             deliveries = await fetch_or_back_off(self.broker, self.subscription, free, 5.0, self._failures)
 
+            if not deliveries:
+                # A closed broker returns at once; yield so the loop cannot starve others.
+                await asyncio.sleep(0)
             for delivery in deliveries:
                 self.outstanding.add(delivery.tag)
                 result = self.callback(delivery)

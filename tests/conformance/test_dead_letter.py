@@ -194,7 +194,9 @@ async def test_terminal_nack_wakes_dead_letter_fetch(broker_factory):
     latency = time.monotonic() - nacked_at
 
     assert len(dead) == 1
-    assert latency < 0.05, f"fetch on the dead-letter topic returned {latency * 1000:.1f} ms after the nack"
+    # The fetch must wake on the dead letter, long before its 5 s timeout. The bound leaves
+    # room for the nack's own round trips to a network broker on a loaded machine.
+    assert latency < 0.5, f"fetch on the dead-letter topic returned {latency * 1000:.1f} ms after the nack"
 
 
 async def test_ack_timeout_wakes_dead_letter_fetch(broker_factory):
