@@ -19,7 +19,7 @@ from flowrun.plugins import Handler, Producer, resolve
 from flowrun.problems import Problem
 from flowrun.durations import format_duration
 from flowrun.schemas import SCHEMA_FILE_SUFFIXES, SchemaError, TopicSchema, fit_problems, load_topic_schema, model_schema
-from flowrun.spec import AckPolicy, DeliveryMode
+from flowrun.spec import AckPolicy, DeliveryMode, SubscriberSpec
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +190,47 @@ def check_timing(flow: LoadedFlow) -> list[Problem]:
     return found
 
 
+RABBITMQ_CONSUMER_TIMEOUT = 30 * 60.0
+
+
+def check_backend_limits(flow: LoadedFlow) -> list[Problem]:
+    """Warn where the chosen backend cannot honour a setting exactly."""
+    try:
+        backend = effective_spec(flow.spec.broker).backend
+    except FlowrunError:
+        return []
+
+    found: list[Problem] = []
+    if backend == "memory":
+        found.append(problems.warning(flow.locate("broker"), "the memory backend loses waiting and unacked "
+                                      "messages when the process exits; use sqlite (the default) to keep them"))
+    for name, sub in flow.spec.subscribers.items():
+        for key, message in _backend_limits(backend, sub):
+            found.append(problems.warning(flow.locate("subscribers", name, key),
+                                          f"subscriber '{name}' on the {backend} backend: {message}"))
+    return found
+
+
+def _backend_limits(backend: str, sub: SubscriberSpec) -> list[tuple[str, str]]:
+    limits: list[tuple[str, str]] = []
+    if backend == "rabbitmq":
+        if sub.ordered:
+            limits.append(("ordered", "per-key order holds within one process only"))
+        if sub.retry.jitter:
+            limits.append(("retry", "RabbitMQ expires messages only at the head of the retry queue, so with "
+                                    "jitter a retry can be late by the longest delay queued before it"))
+        if sub.ack_timeout > RABBITMQ_CONSUMER_TIMEOUT:
+            limits.append(("ack_timeout", "RabbitMQ closes a channel that holds a delivery longer than its "
+                                          "consumer_timeout (30 min by default); raise it on the server"))
+    elif backend == "nats":
+        if sub.ordered:
+            limits.append(("ordered", "a retry holds back every key of the subscription, not only its own"))
+    return limits
+
+
 def check_settings(flow: LoadedFlow) -> list[Problem]:
     """Warn about settings that have no effect or a surprising one."""
-    found: list[Problem] = check_broker(flow) + check_timing(flow)
+    found: list[Problem] = check_broker(flow) + check_timing(flow) + check_backend_limits(flow)
     for name, sub in flow.spec.subscribers.items():
         fields = sub.model_fields_set
         if sub.ack is AckPolicy.NONE:
