@@ -588,6 +588,13 @@ class NatsBroker(Broker):
         try:
             for envelope in envelopes:
                 holders = self._holders(envelope.topic)
+                if sent and any(state.backlog + state.reserved >= state.config.max_pending for state in holders):
+                    # Reservations of this batch end only at confirmation, so confirm the
+                    # envelopes sent so far before waiting for room, or the batch waits on itself.
+                    pending, sent = sent, []
+                    error = await self._confirm(pending)
+                    if error is not None:
+                        raise error
                 await self._reserve_room(envelope.topic, holders)
                 try:
                     with self._translated(f"publish to topic '{envelope.topic}'"):

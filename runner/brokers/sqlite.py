@@ -778,6 +778,8 @@ class SqliteBroker(Broker):
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         remaining = list(envelopes)
         while remaining:
+            # Cleared before the attempt, so only a settlement after it wakes the retry.
+            self._room.clear()
             stored = await self._write(lambda batch=remaining: self._store.publish(batch))
             remaining = remaining[stored:]
             if remaining:
