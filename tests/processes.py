@@ -15,16 +15,20 @@ from typing import Any
 FLOWRUN = [sys.executable, "-m", "flowrun.cli"]
 
 
-def start_flowrun(*args: str, cwd: Path) -> subprocess.Popen[str]:
+def start_flowrun(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Start `flowrun ARGS` with its output captured; the caller waits or kills it."""
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
         [*FLOWRUN, *args], cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def run_flowrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*FLOWRUN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run_flowrun(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run([*FLOWRUN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=environment, input=stdin)
 
 
 def read_report(path: Path) -> dict[str, Any]:
@@ -44,6 +48,17 @@ def handled_total(database: Path) -> int:
     with sqlite3.connect(database, timeout=30) as connection:
         try:
             return int(connection.execute("SELECT COUNT(*) FROM handled").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+def workers_ready(database: Path) -> int:
+    """How many recording handlers finished setup (each process registers once)."""
+    if not database.exists():
+        return 0
+    with sqlite3.connect(database, timeout=30) as connection:
+        try:
+            return int(connection.execute("SELECT COUNT(*) FROM workers").fetchone()[0])
         except sqlite3.OperationalError:
             return 0
 
@@ -84,6 +99,8 @@ class Recorder:
                                           isolation_level=None, check_same_thread=False)
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.execute("CREATE TABLE IF NOT EXISTS handled (message_id TEXT, pid INTEGER)")
+        self.connection.execute("CREATE TABLE IF NOT EXISTS workers (pid INTEGER)")
+        self.connection.execute("INSERT INTO workers VALUES (?)", (os.getpid(),))
         self.pause = float(context.options.get("pause", 0))
 
     def handle(self, message, context):
@@ -96,12 +113,14 @@ class Recorder:
 '''
 
 
-def write_recording_flow(folder: Path, count: int, pause: float, ack_timeout: str = "2s") -> Path:
+def write_recording_flow(
+    folder: Path, count: int, pause: float, ack_timeout: str = "2s", name: str = "recording"
+) -> Path:
     (folder / "recording_plugin.py").write_text(RECORDING_PLUGIN, encoding="utf-8")
     flow = folder / "flow.yaml"
     flow.write_text(
         f"""
-name: recording
+name: {name}
 topics:
   Work:
     max_pending: 200

@@ -7,6 +7,8 @@ dead-letter archive, message-id deduplication, per-key ordering and error transl
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import logging
 import random
@@ -238,7 +240,7 @@ async def test_undeclared_subscription_raises(open_broker):
 
 async def test_republished_id_is_stored_once(open_broker):
     broker = await open_broker(subscription())
-    sent = envelope()
+    sent = dataclasses.replace(envelope(), dedupe=True)
 
     await broker.publish([sent])
     await broker.publish([sent])
@@ -246,6 +248,15 @@ async def test_republished_id_is_stored_once(open_broker):
 
     assert [delivery.envelope.id for delivery in deliveries] == [sent.id]
     assert await published_count(broker, TOPIC) == 1
+
+
+async def test_generated_id_is_not_remembered(open_broker):
+    broker = await open_broker(subscription())
+
+    await broker.publish([envelope()])
+    keys = await broker._client.keys(f"{broker._names.prefix}:dedup:*")
+
+    assert keys == []
 
 
 async def test_large_batch_is_stored_whole(open_broker):
@@ -261,7 +272,7 @@ async def test_large_batch_is_stored_whole(open_broker):
 
 async def test_duplicate_skips_full_check(open_broker):
     broker = await open_broker(subscription(max_pending=1, on_full=OnFull.REJECT))
-    sent = envelope()
+    sent = dataclasses.replace(envelope(), dedupe=True)
     await broker.publish([sent])
 
     await broker.publish([sent])

@@ -45,7 +45,7 @@ Limits:
 - `publish` returns once the server ran the script that stored the messages. Whether they
   survive a restart of the server depends on its persistence settings (appendonly,
   appendfsync), which flowrun does not change.
-- Every published id keeps a key for `dedup_window` (7 days by default), so memory grows
+- Every id a publisher chose keeps a key for `dedup_window` (7 days by default), so memory grows
   with the publish rate times the window.
 - Ack timeouts and delayed retries fire on time in the process that made the delivery or
   scheduled the retry. When that process is gone, the next fetch of the subscription in
@@ -359,7 +359,8 @@ return results
 # Publishes envelopes of one topic in order, stopping at the first full subscription.
 # KEYS: counters, topic stream, then one dedup key per envelope. ARGV: topic, dedup window
 # ms, max length (0: none), subscription count, per subscription (name, max_pending), then
-# per envelope (id, body, has key, key, headers, published_at).
+# per envelope (id, body, has key, key, headers, published_at, dedupe). Only envelopes whose
+# publisher chose the id (dedupe = 1) are checked against and recorded in dedup keys.
 # Returns {envelopes handled} or, at a full subscription, {handled, name, size}.
 _LUA_PUBLISH = r"""
 local counters, stream = KEYS[1], KEYS[2]
@@ -371,16 +372,17 @@ for s = 1, subscriptions do
 end
 
 local first = 5 + 2 * subscriptions
-local envelopes = (#ARGV - first + 1) / 6
+local envelopes = (#ARGV - first + 1) / 7
 for e = 1, envelopes do
-  local a = first + (e - 1) * 6
+  local a = first + (e - 1) * 7
   local dedup = KEYS[2 + e]
-  if redis.call('EXISTS', dedup) == 0 then
+  local dedupe = ARGV[a + 6] == '1'
+  if not dedupe or redis.call('EXISTS', dedup) == 0 then
     for s = 1, subscriptions do
       local size = tonumber(redis.call('HGET', counters, names[s]) or '0')
       if size >= limits[s] then return {e - 1, ARGV[3 + 2 * s], size} end
     end
-    redis.call('SET', dedup, '1', 'PX', window)
+    if dedupe then redis.call('SET', dedup, '1', 'PX', window) end
     if subscriptions > 0 then
       local fields = {'id', ARGV[a], 'body', ARGV[a + 1], 'headers', ARGV[a + 4], 'published_at', ARGV[a + 5]}
       if ARGV[a + 2] == '1' then
@@ -813,7 +815,7 @@ class RedisBroker(Broker):
             args += [config.name, config.max_pending]
         for envelope in envelopes:
             args += [envelope.id, envelope.body, int(envelope.key is not None), envelope.key or "",
-                     json.dumps(envelope.headers), repr(envelope.published_at)]
+                     json.dumps(envelope.headers), repr(envelope.published_at), int(envelope.dedupe)]
         return self._scripts["publish"](keys=keys, args=args)
 
     # Fetching
