@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import gzip
+import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import SERVER_URLS, require_server
 from tests.processes import read_report, run_flowrun
+from tests.test_scale_out import delete_flow
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DATA = REPOSITORY / "data" / "orders"
@@ -95,3 +100,25 @@ def test_full_data_set_counts(tmp_path: Path) -> None:
     assert len(monthly) == 13
     assert sum(expected.values()) == 25_900
     assert_report_adds_up(read_report(flows / "report.json"), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", ["redis", "rabbitmq", "nats"])
+def test_sample_flow_on_server(tmp_path: Path, backend: str) -> None:
+    require_server(backend)
+    flows = copy_example(tmp_path)
+    flow_file = flows / "orders-sample.yaml"
+    unique = f"sample{uuid.uuid4().hex[:8]}"
+    flow_file.write_text(re.sub(r"(?m)^name: .*$", f"name: {unique}", flow_file.read_text(encoding="utf-8")),
+                         encoding="utf-8")
+    environment = {"FLOWRUN_BROKER_URL": SERVER_URLS[backend]}
+
+    try:
+        result = run_flowrun("up", "orders-sample.yaml", "--until-drained", "--report", "report.json", cwd=flows,
+                             env=environment)
+    finally:
+        asyncio.run(delete_flow(flow_file, SERVER_URLS[backend]))
+
+    assert result.returncode == 0, result.stderr
+    assert_report_adds_up(read_report(flows / "report.json"), expected_topic_counts([DATA / "sample.csv"]))
