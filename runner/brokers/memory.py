@@ -197,9 +197,11 @@ class MemoryBroker(Broker):
         # Under ack: none the message leaves the queue on delivery: it is never redelivered,
         # so it gets no deadline, and its settlement only decides how it is counted.
         deadline = None if queue.config.ack is AckPolicy.NONE else now + queue.config.ack_timeout
+        if deadline is not None and not queue.in_flight:
+            # The timer task looks only at the oldest delivery of each queue; a new oldest
+            # one may be due before the timer's next wake.
+            self._timer_changed.set()
         queue.in_flight[tag] = _InFlight(entry, delivery, deadline)
-        if deadline is not None:
-            self._schedule(deadline, queue.config.name, tag, None)
 
         counters = self.counters.subscriptions[queue.config.name]
         counters.delivered += 1
@@ -310,24 +312,45 @@ class MemoryBroker(Broker):
             self._timer_changed.set()
 
     async def _run_timers(self) -> None:
+        # Retries wait in a heap. Ack deadlines need none: a queue's ack timeout is fixed, so
+        # its in-flight table (a dict, in delivery order) is also in deadline order, and an
+        # ack removes its entry at once instead of leaving a timer behind.
         while True:
+            # Cleared first: a retry scheduled while expiring below must wake the next wait.
+            self._timer_changed.clear()
             now = self.clock.monotonic()
             while self._timers and self._timers[0][0] <= now:
-                _, _, subscription, tag, entry = heapq.heappop(self._timers)
-                self._fire(subscription, tag, entry)
+                _, _, subscription, _, entry = heapq.heappop(self._timers)
+                if entry is not None:
+                    self._retry_now(self._queues[subscription], entry)
 
-            timeout = self._timers[0][0] - now if self._timers else None
-            self._timer_changed.clear()
-            await self.clock.wait(self._timer_changed, timeout)
+            due: float | None = None
+            for queue in self._queues.values():
+                oldest = self._expire_oldest(queue, now)
+                if oldest is not None and (due is None or oldest < due):
+                    due = oldest
+            if self._timers and (due is None or self._timers[0][0] < due):
+                due = self._timers[0][0]
 
-    def _fire(self, subscription: str, tag: int, entry: _Entry | None) -> None:
+            await self.clock.wait(self._timer_changed, None if due is None else max(due - now, 0.0))
+
+    def _retry_now(self, queue: _Queue, entry: _Entry) -> None:
+        queue.delayed -= 1
+        self._requeue(queue, entry)
+
+    def _expire_oldest(self, queue: _Queue, now: float) -> float | None:
+        """Expire the deliveries past their ack deadline; return the next deadline, if any."""
+        while queue.in_flight:
+            tag, flight = next(iter(queue.in_flight.items()))
+            if flight.deadline is None:
+                return None
+            if flight.deadline > now:
+                return flight.deadline
+            self._expire(queue.config.name, tag)
+        return None
+
+    def _expire(self, subscription: str, tag: int) -> None:
         queue = self._queues[subscription]
-
-        if entry is not None:
-            queue.delayed -= 1
-            self._requeue(queue, entry)
-            return
-
         flight = queue.in_flight.pop(tag, None)
         if flight is None:
             return

@@ -13,7 +13,6 @@ arrive in the same event-loop turn share one transaction (group commit).
 from __future__ import annotations
 
 import asyncio
-import heapq
 import json
 import logging
 import sqlite3
@@ -664,10 +663,10 @@ class SqliteBroker(Broker):
         self._wake_writer = asyncio.Event()
         self._writing = False
         self._writer: asyncio.Task[None] | None = None
-        self._timers: list[tuple[float, int, str, _Tag]] = []
+        # This process's leases per subscription: tag -> when its ack timeout passes.
+        self._leases: dict[str, dict[_Tag, float]] = {}
         self._timer_changed = asyncio.Event()
         self._timer_task: asyncio.Task[None] | None = None
-        self._sequence = 0
         self._arrived: dict[str, asyncio.Event] = {}
         self._room = asyncio.Event()
         self._closed = False
@@ -838,7 +837,9 @@ class SqliteBroker(Broker):
         self._arrived[subscription].set()
 
     def _release(self, subscription: str, tags: Sequence[Any]) -> None:
+        leases = self._leases.get(subscription, {})
         for tag in tags:
+            leases.pop(tag, None)
             self._released(subscription, tag)
         self._room.set()
 
@@ -851,28 +852,37 @@ class SqliteBroker(Broker):
         config = self._store.configs[subscription]
         if config.ack is AckPolicy.NONE:
             return
+        leases = self._leases.setdefault(subscription, {})
+        if not leases:
+            self._timer_changed.set()
         due = self.clock.monotonic() + config.ack_timeout
         for delivery in deliveries:
-            self._sequence += 1
-            heapq.heappush(self._timers, (due, self._sequence, subscription, delivery.tag))
-        self._timer_changed.set()
+            leases[delivery.tag] = due
 
     async def _run_timers(self) -> None:
+        # A subscription's ack timeout is fixed, so its lease table (a dict, in fetch order)
+        # is in deadline order, and a settled lease leaves no timer behind.
         while True:
-            now = self.clock.monotonic()
-            due: dict[str, list[_Tag]] = {}
-            while self._timers and self._timers[0][0] <= now:
-                _, _, subscription, tag = heapq.heappop(self._timers)
-                due.setdefault(subscription, []).append(tag)
-
-            for subscription, tags in due.items():
-                expired = await self._write(lambda s=subscription, t=tags: self._store.expire(s, t))
-                self._release(subscription, expired)
-                if expired:
-                    self._arrived[subscription].set()
-
-            timeout = self._timers[0][0] - self.clock.monotonic() if self._timers else None
+            # Cleared first: leases tracked while expiring below must wake the next wait.
             self._timer_changed.clear()
+            now = self.clock.monotonic()
+            next_due: float | None = None
+            for subscription, leases in list(self._leases.items()):
+                tags = []
+                for tag, due in leases.items():
+                    if due > now:
+                        next_due = due if next_due is None else min(next_due, due)
+                        break
+                    tags.append(tag)
+                for tag in tags:
+                    del leases[tag]
+                if tags:
+                    expired = await self._write(lambda s=subscription, t=tags: self._store.expire(s, t))
+                    self._release(subscription, expired)
+                    if expired:
+                        self._arrived[subscription].set()
+
+            timeout = None if next_due is None else max(next_due - self.clock.monotonic(), 0.0)
             await self.clock.wait(self._timer_changed, timeout)
 
     # Producers and dead letters, for the runtime and the CLI
