@@ -6,6 +6,7 @@ import asyncio
 import enum
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from flowrun.brokers import effective_spec
 from flowrun.errors import FlowrunError, FlowValidationError
 from flowrun.explain import describe_worst_case, explain_flow
 from flowrun.flowschema import flow_json_schema
@@ -97,10 +99,15 @@ def _explain(path: str) -> None:
     flow, _ = read_flow(path)
     if flow is None:
         return
+    try:
+        guarantees = explain_flow(flow)
+    except FlowrunError as error:
+        _print_error(str(error))
+        return
     table = Table(title=f"{path}: effective guarantees", title_justify="left")
     for column in ("subscription", "backend", "delivery", "ordering", "attempts", "worst case to give up", "then"):
         table.add_column(column)
-    for item in explain_flow(flow):
+    for item in guarantees:
         table.add_row(item.subscription, item.backend, item.delivery, item.ordering, str(item.max_attempts),
                       describe_worst_case(item.worst_case_to_dead_letter), item.after_last_attempt)
     stdout.print(table)
@@ -118,6 +125,7 @@ def up(
     """Run a flow until Ctrl-C or SIGTERM, or with --until-drained until all work is done."""
     interactive = stderr.is_terminal
     configure_logging(log_level, use_rich=interactive)
+    _check_report_path(report)
 
     flow = _load_or_exit(flow_path)
     selected = _parse_only(only, flow)
@@ -228,6 +236,10 @@ def publish(
 ) -> None:
     """Publish JSON payloads to a topic, checked against the topic's schema."""
     flow = _load_or_exit(flow_path, check_plugins=False)
+    if _backend_of(flow) == "memory":
+        _print_error("the memory backend keeps messages only inside a running 'flowrun up', so a separate "
+                     "publish would be lost; use the sqlite backend (the default) or a server backend")
+        raise typer.Exit(1)
     if topic not in flow.spec.topics:
         raise typer.BadParameter(f"unknown topic '{topic}'; choose from {', '.join(flow.spec.topics)}",
                                  param_hint="TOPIC")
@@ -239,6 +251,29 @@ def publish(
         raise typer.Exit(1) from None
     noun = "message" if count == 1 else "messages"
     print(f"published {count} {noun} to {topic}", file=sys.stderr)
+
+
+def _backend_of(flow: Any) -> str:
+    try:
+        return effective_spec(flow.spec.broker).backend
+    except FlowrunError as error:
+        _print_error(str(error))
+        raise typer.Exit(1) from None
+
+
+def _check_report_path(report: Path | None) -> None:
+    """Fail before the run, not after it, when the report cannot be written."""
+    if report is None:
+        return
+    if report.is_dir() or not report.name:
+        raise typer.BadParameter(f"'{report}' is a directory; give a file name such as report.json",
+                                 param_hint="--report")
+    folder = report.parent if str(report.parent) else Path(".")
+    if not folder.is_dir():
+        raise typer.BadParameter(f"folder '{folder}' does not exist; create it or choose another path",
+                                 param_hint="--report")
+    if not os.access(folder, os.W_OK):
+        raise typer.BadParameter(f"folder '{folder}' is not writable", param_hint="--report")
 
 
 def _print_error(text: str) -> None:
@@ -297,7 +332,7 @@ async def _run(flow: Any, until_drained: bool, only: set[str] | None, show_progr
 def _request_stop(runtime: FlowRuntime) -> None:
     if runtime.stop_requested.is_set():
         return
-    stderr.print("stopping: finishing in-flight messages (press Ctrl-C again is not needed)", highlight=False)
+    stderr.print("stopping: letting in-flight messages finish", highlight=False)
     runtime.stop_requested.set()
 
 

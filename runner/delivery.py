@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from flowrun.broker import Broker, ErrorInfo, FetchConsumer, FetchFailures, Nack, SubscriptionConfig, fetch_or_back_off
 from flowrun.context import Context, current_hops, current_publishes
-from flowrun.errors import HopLimitError, PayloadError
+from flowrun.errors import HopLimitError, PayloadError, UndeclaredTopicError
 from flowrun.logs import RepeatLimiter
 from flowrun.message import HOPS_HEADER, Delivery, Message, Outcome, loop_call
 from flowrun.plugins import Handler, Invoker
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 TRACEBACK_CHARS = 4000
 # Errors for which another delivery cannot help: they go straight to the dead-letter topic.
-TERMINAL_ERRORS: tuple[type[BaseException], ...] = (HopLimitError, PayloadError)
+TERMINAL_ERRORS: tuple[type[BaseException], ...] = (HopLimitError, PayloadError, UndeclaredTopicError)
 
 
 def describe_error(error: BaseException) -> ErrorInfo:

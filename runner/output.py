@@ -134,10 +134,16 @@ def read_payloads(inline: str | None, payload_file: Path | None, stdin: IO[str])
             yield f"stdin line {number}", _parse_json(line.strip(), f"stdin line {number}")
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _parse_json(text: str, origin: str) -> Any:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as error:
+        if not isinstance(error, json.JSONDecodeError):
+            raise typer.BadParameter(f"{origin} is not valid JSON: {error}") from None
         raise typer.BadParameter(
             f"{origin} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
         ) from None

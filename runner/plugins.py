@@ -196,9 +196,10 @@ class Producer:
         else:
             raise PluginError(reference, "a producer is a callable given a context, or a class with run(context)")
 
-        required, _ = count_positional(self.function)
-        if required > 1:
-            raise PluginError(reference, "a producer is called with one argument, the context")
+        required, maximum = count_positional(self.function)
+        if required > 1 or maximum == 0:
+            raise PluginError(reference, "a producer is called with one argument, the context; "
+                                         "define it as producer(context)")
         self.produces: dict[str, Any] = dict(getattr(target, "produces", None) or {})
 
     async def setup(self, invoker: Invoker, context: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from flowrun.schemas import SchemaError, TopicSchema, load_topic_schema
 logger = logging.getLogger(__name__)
 
 SYNC_ITERATOR_CHUNK = 256
+# A chunk is published after this long even if it is not full, so slow sources are not held back.
+SYNC_CHUNK_SECONDS = 0.05
 DRAIN_CHECK_SECONDS = 0.02
 
 
@@ -176,7 +179,7 @@ class FlowRuntime:
         if hops > self.flow.spec.max_hops:
             raise HopLimitError(
                 f"message to topic '{topic}' passed {hops} handlers, above max_hops {self.flow.spec.max_hops}; "
-                "the flow loops, so the message goes to the dead-letter topic"
+                "the flow loops, so the message is dead-lettered (or dropped without a dead-letter topic)"
             )
         body = codec.encode(payload, topic)
         schema = self._schemas.get(topic)
@@ -239,7 +242,7 @@ class FlowRuntime:
         # Sync iterators may block (files, network), so chunks of items are read on a thread
         # and each chunk is published as one batch.
         while True:
-            chunk = await invoker.call(_take, items, SYNC_ITERATOR_CHUNK)
+            chunk, error, ended = await invoker.call(_take, items, SYNC_ITERATOR_CHUNK)
             envelopes = []
             try:
                 for item in chunk:
@@ -248,7 +251,9 @@ class FlowRuntime:
                 # Items before an invalid one are published, as they would be one by one.
                 if envelopes:
                     await self.broker.publish(envelopes)
-            if len(chunk) < SYNC_ITERATOR_CHUNK:
+            if error is not None:
+                raise error
+            if ended:
                 return
 
     @property
@@ -332,13 +337,22 @@ class FlowRuntime:
                 invoker.shutdown()
 
 
-def _take(items: Iterator[Any], count: int) -> list[Any]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= count:
-            break
-    return chunk
+def _take(items: Iterator[Any], count: int) -> tuple[list[Any], BaseException | None, bool]:
+    """Read up to `count` items, or fewer once SYNC_CHUNK_SECONDS passed.
+
+    Returns the items, the exception the iterator raised (if any) and whether it ended, so
+    items read before a failure or a slow item are still published, and published soon.
+    """
+    chunk: list[Any] = []
+    started = time.monotonic()
+    try:
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= count or time.monotonic() - started >= SYNC_CHUNK_SECONDS:
+                return chunk, None, False
+    except Exception as error:  # noqa: BLE001 - raised again after the chunk is published
+        return chunk, error, True
+    return chunk, None, True
 
 
 def _with_location(build: Any, location: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import logging
 
@@ -19,7 +20,7 @@ from flowrun.plugins import Handler, Producer, resolve
 from flowrun.problems import Problem
 from flowrun.durations import format_duration
 from flowrun.schemas import SCHEMA_FILE_SUFFIXES, SchemaError, TopicSchema, fit_problems, load_topic_schema, model_schema
-from flowrun.spec import AckPolicy, DeliveryMode, SubscriberSpec
+from flowrun.spec import AckPolicy, DeliveryMode, ErrorAction, SubscriberSpec
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +229,34 @@ def _backend_limits(backend: str, sub: SubscriberSpec) -> list[tuple[str, str]]:
     return limits
 
 
+def check_error_routes(flow: LoadedFlow) -> list[Problem]:
+    """Check `errors:` routes: the exception names and the dead_letter action's topic."""
+    found: list[Problem] = []
+    for name, sub in flow.spec.subscribers.items():
+        for exception_name, action in sub.errors.items():
+            location = flow.locate("subscribers", name, "errors", exception_name)
+            if "." not in exception_name and not _is_builtin_exception(exception_name):
+                found.append(problems.warning(location, (
+                    f"'{exception_name}' in errors of subscriber '{name}' is not a built-in exception, so the route "
+                    "never matches unless the name is qualified (package.module.ClassName)"
+                )))
+            if action is ErrorAction.DEAD_LETTER and sub.dead_letter is None:
+                found.append(problems.warning(location, (
+                    f"errors of subscriber '{name}' send {exception_name} to the dead-letter topic, but the "
+                    "subscriber has no dead_letter topic, so those messages are dropped; set dead_letter"
+                )))
+    return found
+
+
+def _is_builtin_exception(name: str) -> bool:
+    candidate = getattr(builtins, name, None)
+    return isinstance(candidate, type) and issubclass(candidate, BaseException)
+
+
 def check_settings(flow: LoadedFlow) -> list[Problem]:
     """Warn about settings that have no effect or a surprising one."""
     found: list[Problem] = check_broker(flow) + check_timing(flow) + check_backend_limits(flow)
+    found += check_error_routes(flow)
     for name, sub in flow.spec.subscribers.items():
         fields = sub.model_fields_set
         if sub.ack is AckPolicy.NONE:

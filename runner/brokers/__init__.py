@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -58,7 +59,10 @@ def effective_spec(spec: BrokerSpec, environment: Mapping[str, str] | None = Non
 
 
 def backend_for_url(url: str) -> str:
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as error:
+        raise FlowrunError(f"invalid broker URL in {BROKER_URL_VARIABLE} ({redact_url(url)}): {error}") from None
     if scheme not in URL_SCHEMES:
         raise FlowrunError(
             f"invalid broker URL scheme '{scheme}' in {BROKER_URL_VARIABLE} ({redact_url(url)}); "
@@ -67,11 +71,18 @@ def backend_for_url(url: str) -> str:
     return URL_SCHEMES[scheme]
 
 
+_CREDENTIALS = re.compile(r"(?P<user>[^/:@]*):[^@/]*@")
+
+
 def redact_url(url: str) -> str:
-    """Hide the password of a URL so it can appear in logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
+    """Hide the password of a URL so it can appear in logs and errors, even a malformed one."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return _CREDENTIALS.sub(r"\g<user>:***@", url)
+    if password is None:
+        return _CREDENTIALS.sub(r"\g<user>:***@", url)
     host = parts.hostname or ""
     if parts.port is not None:
         host = f"{host}:{parts.port}"
@@ -91,6 +102,8 @@ def create_broker(spec: BrokerSpec, flow_path: Path, flow_name: str, clock: Cloc
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
+        if error.name == module_name:
+            raise FlowrunError(f"the {spec.backend} backend is not part of this flowrun installation") from None
         raise FlowrunError(
             f"the {spec.backend} backend needs the package '{error.name}'; install it with "
             f"pip install 'flowrun[{spec.backend}]'"

@@ -264,7 +264,7 @@ class MemoryBroker(Broker):
         if config.dead_letter is None or config.ack is AckPolicy.NONE or not dead_letter:
             counters.dropped += 1
             logger.warning(
-                "dropped message %s of subscription '%s' after %d deliveries: %s",
+                "dropped message %s of subscription '%s' at delivery %d: %s",
                 flight.delivery.envelope.id, config.name, flight.entry.delivery_count,
                 error.message if error else "no error recorded",
             )
@@ -275,7 +275,7 @@ class MemoryBroker(Broker):
                             flight.entry.envelope.key, headers, self.clock.wall())
         counters.dead_lettered += 1
         logger.error(
-            "dead-lettered message %s of subscription '%s' to '%s' after %d deliveries: %s",
+            "dead-lettered message %s of subscription '%s' to '%s' at delivery %d: %s",
             envelope.headers["flowrun.original_id"], config.name, config.dead_letter,
             flight.entry.delivery_count, headers["flowrun.error"],
         )

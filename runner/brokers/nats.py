@@ -931,7 +931,7 @@ class NatsBroker(Broker):
             refreshes = state.backlog_refreshes
             await self._settle([lease.reply], TERM)
             counters.dropped += 1
-            logger.warning("dropped message %s of subscription '%s' after %d deliveries: %s", delivery.envelope.id,
+            logger.warning("dropped message %s of subscription '%s' at delivery %d: %s", delivery.envelope.id,
                            config.name, delivery.delivery_count, error.message if error else "no error recorded")
             self._finish(state, lease, refreshes)
             return
@@ -953,7 +953,7 @@ class NatsBroker(Broker):
             await self._settle([lease.reply], TERM)
         finally:
             state.terminating.discard(sequence)
-        logger.error("dead-lettered message %s of subscription '%s' to '%s' after %d deliveries: %s",
+        logger.error("dead-lettered message %s of subscription '%s' to '%s' at delivery %d: %s",
                      delivery.envelope.id, config.name, config.dead_letter, delivery.delivery_count,
                      letter.headers["flowrun.error"])
         self._finish(state, lease, refreshes)

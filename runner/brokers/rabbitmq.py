@@ -980,7 +980,7 @@ class RabbitmqBroker(Broker):
         if config.dead_letter is None or not dead_letter:
             counters.dropped += 1
             await _settle_quietly(lease.message, ack=True)
-            logger.warning("dropped message %s of subscription '%s' after %d deliveries: %s", delivery.envelope.id,
+            logger.warning("dropped message %s of subscription '%s' at delivery %d: %s", delivery.envelope.id,
                            config.name, delivery.delivery_count, error.message if error else "no error recorded")
             return
 
@@ -1009,7 +1009,7 @@ class RabbitmqBroker(Broker):
             self.counters.published[config.dead_letter] -= 1
             raise
         await _settle_quietly(lease.message, ack=True)
-        logger.error("dead-lettered message %s of subscription '%s' to '%s' after %d deliveries: %s",
+        logger.error("dead-lettered message %s of subscription '%s' to '%s' at delivery %d: %s",
                      delivery.envelope.id, config.name, config.dead_letter, delivery.delivery_count,
                      headers["flowrun.error"])
 

@@ -1040,10 +1040,10 @@ class RedisBroker(Broker):
         delivery = settlement.delivery
         reason = settlement.error.message if settlement.error else "no error recorded"
         if settlement.action == "dead":
-            logger.error("dead-lettered message %s of subscription '%s' to '%s' after %d deliveries: %s",
+            logger.error("dead-lettered message %s of subscription '%s' to '%s' at delivery %d: %s",
                          delivery.envelope.id, config.name, config.dead_letter, delivery.delivery_count, reason)
         elif settlement.action == "drop":
-            logger.warning("dropped message %s of subscription '%s' after %d deliveries: %s",
+            logger.warning("dropped message %s of subscription '%s' at delivery %d: %s",
                            delivery.envelope.id, config.name, delivery.delivery_count, reason)
 
     def _forget(self, subscription: str, tag: _Tag) -> None:

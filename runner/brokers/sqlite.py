@@ -443,7 +443,7 @@ class _Store:
 
         if config.dead_letter is None or not dead_letter:
             self._count(config.name, "dropped")
-            logger.warning("dropped message %s of subscription '%s' after %d deliveries: %s", message_id,
+            logger.warning("dropped message %s of subscription '%s' at delivery %d: %s", message_id,
                            config.name, count, error.message if error else "no error recorded")
             return
 
@@ -457,7 +457,7 @@ class _Store:
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (config.name, topic, message_id, body, key, json.dumps(letter_headers), now),
         )
-        logger.error("dead-lettered message %s of subscription '%s' to '%s' after %d deliveries: %s", message_id,
+        logger.error("dead-lettered message %s of subscription '%s' to '%s' at delivery %d: %s", message_id,
                      config.name, config.dead_letter, count, letter_headers["flowrun.error"])
         # Dead letters skip max_pending: blocking here would stall the subscription that failed.
         self.publish([letter], bounded=False)
@@ -683,7 +683,7 @@ class SqliteBroker(Broker):
     async def start(self, topology: Topology) -> None:
         self.topology = topology
         self._arrived = {config.name: asyncio.Event() for config in topology.subscriptions}
-        await self._in_thread(lambda: self._store.open(topology))
+        await self._open(topology)
         self._writer = asyncio.create_task(self._run_writer(), name="flowrun-sqlite-writer")
         self._timer_task = asyncio.create_task(self._run_timers(), name="flowrun-sqlite-timers")
         logger.info("sqlite broker opened %s", self.path)
@@ -691,7 +691,7 @@ class SqliteBroker(Broker):
     async def open_for_inspection(self, topology: Topology | None) -> None:
         """Open without starting delivery, for `status` and `dlq`."""
         self.topology = topology
-        await self._in_thread(lambda: self._store.open(topology))
+        await self._open(topology)
         self._writer = asyncio.create_task(self._run_writer(), name="flowrun-sqlite-writer")
 
     async def close(self) -> None:
@@ -710,6 +710,15 @@ class SqliteBroker(Broker):
 
         await self._in_thread(self._store.close)
         self._executor.shutdown(wait=True)
+
+    async def _open(self, topology: Topology | None) -> None:
+        try:
+            await self._in_thread(lambda: self._store.open(topology))
+        except (OSError, sqlite3.Error) as error:
+            raise BrokerError(
+                f"cannot open the SQLite broker database {self.path}: {error}; make its folder writable, "
+                "or set broker.path in the flow to another file"
+            ) from None
 
     async def _in_thread(self, work: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
@@ -830,6 +839,9 @@ class SqliteBroker(Broker):
     async def ack(self, subscription: str, tags: Sequence[Any]) -> None:
         await self._write(lambda: self._store.ack(subscription, tags))
         self._release(subscription, tags)
+        if self._store.configs[subscription].ordered:
+            # The next message of an acked key may be ready now.
+            self._arrived[subscription].set()
 
     async def nack(self, subscription: str, nacks: Sequence[Nack]) -> None:
         await self._write(lambda: self._store.nack(subscription, nacks))
