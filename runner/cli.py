@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fnmatch
 import json
 import logging
 import os
@@ -118,7 +119,7 @@ def up(
     flow_path: Annotated[str, typer.Argument(metavar="FLOW", help="The flow file to run.")],
     until_drained: Annotated[bool, typer.Option("--until-drained", help="Exit once producers finished and every subscription is empty.")] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Write the final counts as JSON to this file.")] = None,
-    only: Annotated[str | None, typer.Option("--only", help="Run only these producers and subscribers (comma-separated names).")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run only these producers and subscribers: comma-separated names or patterns such as 'status-*'.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show live counts when attached to a terminal.")] = True,
     log_level: Annotated[str, typer.Option("--log-level", callback=_check_log_level, help="Log level: debug, info, warning or error.")] = "warning",
 ) -> None:
@@ -301,10 +302,12 @@ def _load_or_exit(flow_path: str, check_plugins: bool = True) -> Any:
 def _parse_only(only: str | None, flow: Any) -> set[str] | None:
     if only is None:
         return None
-    names = {name.strip() for name in only.split(",") if name.strip()}
+    patterns = {name.strip() for name in only.split(",") if name.strip()}
     known = set(flow.spec.producers) | set(flow.spec.subscribers)
-    unknown = sorted(names - known)
-    if unknown or not names:
+    names = {name for name in known if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)}
+    unknown = sorted(pattern for pattern in patterns
+                     if not any(fnmatch.fnmatchcase(name, pattern) for name in known))
+    if unknown or not patterns:
         raise typer.BadParameter(
             f"unknown name(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(sorted(known))}",
             param_hint="--only",
