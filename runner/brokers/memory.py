@@ -25,6 +25,7 @@ from flowrun.errors import BrokerError, QueueFullError
 from flowrun.message import Delivery, Envelope
 from flowrun.brokers.options import MemoryOptions
 from flowrun.spec import AckPolicy, BrokerSpec, OnFull
+from flowrun.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +108,8 @@ class MemoryBroker(Broker):
         for queue in self._queues.values():
             queue.not_empty.set()
             queue.room.set()
-        if self._timer_task is not None:
-            self._timer_task.cancel()
-            try:
-                await self._timer_task
-            except asyncio.CancelledError:
-                pass
-            self._timer_task = None
+        await cancel_and_wait(self._timer_task)
+        self._timer_task = None
 
     # Publishing
 

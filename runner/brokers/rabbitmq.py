@@ -91,6 +91,7 @@ from flowrun.errors import BrokerError, QueueFullError
 from flowrun.logs import RepeatLimiter
 from flowrun.message import Delivery, Envelope
 from flowrun.spec import AckPolicy, BrokerSpec, OnFull
+from flowrun.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -297,13 +298,8 @@ class RabbitmqBroker(Broker):
             subscription.arrived.set()
         self._room.set()
 
-        if self._timer_task is not None:
-            self._timer_task.cancel()
-            try:
-                await self._timer_task
-            except asyncio.CancelledError:
-                pass
-            self._timer_task = None
+        await cancel_and_wait(self._timer_task)
+        self._timer_task = None
 
         connection, self._connection = self._connection, None
         if connection is None:

@@ -88,6 +88,7 @@ from flowrun.errors import BrokerError, QueueFullError
 from flowrun.logs import RepeatLimiter
 from flowrun.message import Delivery, Envelope
 from flowrun.spec import AckPolicy, BrokerSpec, OnFull
+from flowrun.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -622,7 +623,7 @@ class RedisBroker(Broker):
             return
         self._closed = True
         self._room.set()
-        await _cancel(self._timer_task)
+        await cancel_and_wait(self._timer_task)
         self._timer_task = None
         for read in list(self._blocked_reads):
             read.cancel()
@@ -643,7 +644,7 @@ class RedisBroker(Broker):
 
         The broker can only be closed afterwards.
         """
-        await _cancel(self._timer_task)
+        await cancel_and_wait(self._timer_task)
         self._timer_task = None
         client = self._connected()
         try:
@@ -1350,15 +1351,6 @@ class RedisBroker(Broker):
             raise BrokerError("the Redis broker has no topology; open it with start() or open_for_inspection()")
         return self.topology
 
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
 
 
 def _keepalive_options() -> dict[int, int]:

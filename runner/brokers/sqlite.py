@@ -30,6 +30,7 @@ from flowrun.errors import BrokerError, QueueFullError
 from flowrun.message import Delivery, Envelope
 from flowrun.brokers.options import SqliteOptions
 from flowrun.spec import AckPolicy, BrokerSpec, OnFull
+from flowrun.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -600,15 +601,6 @@ class _Store:
         return cursor.rowcount
 
 
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, BrokerError):
-        pass
-
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on error; nested uses join the outer one."""
@@ -701,11 +693,11 @@ class SqliteBroker(Broker):
             event.set()
         self._room.set()
 
-        await _cancel(self._timer_task)
+        await cancel_and_wait(self._timer_task)
         self._timer_task = None
         while self._jobs or self._writing:
             await asyncio.sleep(0.001)
-        await _cancel(self._writer)
+        await cancel_and_wait(self._writer)
         self._writer = None
 
         await self._in_thread(self._store.close)
