@@ -34,10 +34,12 @@ def test_kill_nine_loses_nothing(tmp_path: Path) -> None:
     for _ in range(KILLS):
         before = handled_total(tmp_path / "handled.db")
         process = start_flowrun("up", "flow.yaml", "--until-drained", cwd=tmp_path)
-        # Kill only once this run is handling messages, however slow the machine is to start it.
-        wait_until(lambda: handled_total(tmp_path / "handled.db") > before, timeout=60)
-        time.sleep(chooser.uniform(0.1, 0.6))
-        process.send_signal(signal.SIGKILL)
+        try:
+            # Kill only once this run is handling messages, however slow the machine is to start it.
+            wait_until(lambda: handled_total(tmp_path / "handled.db") > before, timeout=120)
+            time.sleep(chooser.uniform(0.1, 0.6))
+        finally:
+            process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
         assert process.returncode == -signal.SIGKILL
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,25 +60,38 @@ async def delete_flow(flow_path: Path, url: str) -> None:
         await broker.close()
 
 
-def start_workers(folder: Path, environment: dict[str, str], count: int) -> list:
-    return [
+@pytest.fixture
+def workers() -> Iterator[list[subprocess.Popen[str]]]:
+    """Worker processes a test starts; any still running at the end are killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+
+def start_workers(folder: Path, environment: dict[str, str], count: int, started: list) -> list:
+    new = [
         start_flowrun("up", "flow.yaml", "--only", "work", "--until-drained", cwd=folder, env=environment)
         for _ in range(count)
     ]
+    started.extend(new)
+    return new
 
 
-def test_workers_split_the_work(tmp_path: Path, broker_url: str) -> None:
+def test_workers_split_the_work(tmp_path: Path, broker_url: str, workers: list) -> None:
     write_recording_flow(tmp_path, MESSAGES, pause=0.005, name=f"scale{uuid.uuid4().hex[:8]}")
     environment = {"FLOWRUN_BROKER_URL": broker_url}
 
     # Workers first: they declare the subscription before the producer publishes.
-    workers = start_workers(tmp_path, environment, 2)
-    wait_until(lambda: workers_ready(tmp_path / "handled.db") == 2, timeout=60)
+    pair = start_workers(tmp_path, environment, 2, workers)
+    wait_until(lambda: workers_ready(tmp_path / "handled.db") == 2, timeout=180)
     producer = run_flowrun("up", "flow.yaml", "--only", "numbers", "--until-drained", cwd=tmp_path, env=environment)
-    outputs = [worker.communicate(timeout=300) for worker in workers]
+    outputs = [worker.communicate(timeout=300) for worker in pair]
 
     assert producer.returncode == 0, producer.stderr
-    for worker, (_, error_output) in zip(workers, outputs):
+    for worker, (_, error_output) in zip(pair, outputs):
         assert worker.returncode == 0, error_output
 
     counts = handled_counts(tmp_path / "handled.db")
@@ -88,12 +102,12 @@ def test_workers_split_the_work(tmp_path: Path, broker_url: str) -> None:
     assert min(per_process.values()) > 0
 
 
-def test_killed_worker_loses_nothing(tmp_path: Path, broker_url: str) -> None:
+def test_killed_worker_loses_nothing(tmp_path: Path, broker_url: str, workers: list) -> None:
     write_recording_flow(tmp_path, MESSAGES, pause=0.01, ack_timeout="2s", name=f"kill{uuid.uuid4().hex[:8]}")
     environment = {"FLOWRUN_BROKER_URL": broker_url}
 
-    victim, survivor = start_workers(tmp_path, environment, 2)
-    wait_until(lambda: workers_ready(tmp_path / "handled.db") == 2, timeout=60)
+    victim, survivor = start_workers(tmp_path, environment, 2, workers)
+    wait_until(lambda: workers_ready(tmp_path / "handled.db") == 2, timeout=180)
     producer = run_flowrun("up", "flow.yaml", "--only", "numbers", "--until-drained", cwd=tmp_path, env=environment)
     wait_until(lambda: handled_total(tmp_path / "handled.db") >= MESSAGES // 4, timeout=120)
     victim.send_signal(signal.SIGKILL)
