@@ -38,7 +38,7 @@ DeliveryCallback = Callable[[Delivery], Awaitable[None] | None]
 
 @dataclass(frozen=True)
 class SubscriptionConfig:
-    """What a broker needs to know about one subscription."""
+    """Settings of one subscription that a broker applies."""
 
     name: str
     topic: str
@@ -78,7 +78,7 @@ class Topology:
 
 @dataclass(frozen=True)
 class ErrorInfo:
-    """Why a delivery failed, as carried into dead-letter headers."""
+    """Failure of a delivery, as carried into dead-letter headers."""
 
     type: str
     message: str
@@ -182,7 +182,7 @@ class Broker(abc.ABC):
         self.__producer_states[name] = finished
 
     async def producers_finished(self, names: Sequence[str]) -> bool:
-        """Whether every named producer recorded that it finished."""
+        """Return whether every named producer recorded that it finished."""
         return all(self.__producer_states.get(name, False) for name in names)
 
     def consume(self, subscription: str, callback: DeliveryCallback, max_in_flight: int) -> FetchConsumer:

@@ -1,4 +1,4 @@
-"""What a plugin receives besides its messages: its options and a way to publish."""
+"""The context a plugin receives besides its messages: its options and a way to publish."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What each subscription really guarantees, from its settings and the chosen backend."""
+"""Effective delivery guarantees of each subscription, from its settings and the chosen backend."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class Delivery:
 
 
 class Outcome:
-    """How a handler settled a delivery: ack, or nack with an optional delay and error."""
+    """Settlement of a delivery by its handler: ack, or nack with an optional delay and error."""
 
     __slots__ = ("acked", "delay", "error", "terminal", "dead_letter")
 

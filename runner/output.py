@@ -75,7 +75,7 @@ def _escape_property(text: str) -> str:
 
 
 def describe_plugin_kind(point: importlib.metadata.EntryPoint) -> str:
-    """Load an entry point and say what shape of plugin it is, or why it does not load."""
+    """Load an entry point and return its plugin shape, or the error that stopped it loading."""
     try:
         target = point.load()
     except Exception as error:  # noqa: BLE001 - a broken plugin is listed, not fatal
@@ -169,7 +169,7 @@ async def publish_payloads(
 
 
 def _counted(payloads: Iterable[tuple[str, Any]], published: Any) -> Iterator[tuple[str, Any]]:
-    """Pass payloads through; a parse error also says how many were already published."""
+    """Pass payloads through, adding to a parse error how many were already published."""
     iterator = iter(payloads)
     while True:
         try:

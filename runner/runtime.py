@@ -56,7 +56,7 @@ def build_topology(flow: LoadedFlow) -> Topology:
 
 @dataclass
 class RunResult:
-    """What `flowrun up` reports: the broker's counters and anything that failed."""
+    """Result of `flowrun up`: the broker's counters and the failures of producers."""
 
     report: dict[str, Any]
     failures: list[str] = field(default_factory=list)
@@ -263,7 +263,7 @@ class FlowRuntime:
     # Running and stopping
 
     async def drained(self) -> bool:
-        """Whether producers finished and every subscription is empty with nothing in flight."""
+        """Return whether producers finished and every subscription is empty with nothing in flight."""
         if not self.producers_done:
             return False
         if not await self.broker.producers_finished(list(self.flow.spec.producers)):

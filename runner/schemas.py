@@ -40,8 +40,8 @@ class TopicSchema:
     def validate(self, body: bytes) -> None:
         """Raise PayloadError naming the topic and the first invalid field.
 
-        The encoded body is checked, as subscribers will decode it; a model is applied in
-        strict JSON mode, so "3" does not pass for an integer field.
+        The encoded body is checked, because that is what subscribers decode. A model is
+        applied in strict JSON mode, so "3" does not pass for an integer field.
         """
         if self.model is not None:
             try:
@@ -60,7 +60,7 @@ class TopicSchema:
 
 
 def describe_validation_error(error: ValidationError) -> str:
-    """One line per pydantic error, `field: message`, the first three at most."""
+    """Format the first three pydantic errors as `field: message`, joined on one line."""
     parts = []
     for item in error.errors()[:3]:
         field = ".".join(str(part) for part in item["loc"]) or "(payload)"
@@ -113,7 +113,7 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def input_model(function: Any) -> type[BaseModel] | None:
-    """The pydantic model a handler's first parameter is annotated with, if any."""
+    """Return the pydantic model that a handler's first parameter is annotated with, or None."""
     try:
         hints = typing.get_type_hints(function)
     except Exception:  # noqa: BLE001 - unresolvable annotations mean no model
@@ -153,9 +153,9 @@ def fit_problems(provided: dict[str, Any], expected: dict[str, Any]) -> list[str
         provided_types = _json_types(provided_properties[name])
         expected_types = _json_types(expected_property)
         if provided_types and expected_types and not _types_fit(provided_types, expected_types):
-            shown = "/".join(sorted(provided_types))
-            wanted = "/".join(sorted(expected_types))
-            problems.append(f"field '{name}' is {shown} but {wanted} is expected")
+            provided_text = "/".join(sorted(provided_types))
+            expected_text = "/".join(sorted(expected_types))
+            problems.append(f"field '{name}' is {provided_text} but {expected_text} is expected")
     return problems
 
 

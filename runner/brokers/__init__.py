@@ -115,7 +115,7 @@ def create_broker(spec: BrokerSpec, flow_path: Path, flow_name: str, clock: Cloc
 
 
 def sqlite_path(spec: BrokerSpec, flow_path: Path, flow_name: str) -> Path:
-    """The database file: `path` relative to the flow file, else .flowrun/NAME.db beside it."""
+    """Return the database file: `path` relative to the flow file, else .flowrun/NAME.db beside it."""
     if spec.path:
         path = Path(spec.path).expanduser()
         return path if path.is_absolute() else flow_path.parent / path

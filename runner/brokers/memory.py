@@ -140,7 +140,7 @@ class MemoryBroker(Broker):
             queue = full[0]
             if queue.config.on_full is OnFull.REJECT:
                 raise QueueFullError(
-                    f"subscription '{queue.config.name}' of topic '{topic}' holds {queue.size} messages, "
+                    f"subscription '{queue.config.name}' of topic '{topic}' has {queue.size} unsettled messages, "
                     f"its max_pending; retry later or raise max_pending"
                 )
             await queue.room.wait()

@@ -38,7 +38,7 @@ class RabbitmqOptions(StrictModel):
     queue_type: Literal["quorum", "classic"] = Field(
         "quorum", description="Queue type per subscription; quorum queues enforce the delivery limit."
     )
-    confirm_timeout: Duration = Field(30.0, description="Longest wait for a publisher confirm.")
+    confirm_timeout: Duration = Field(30.0, description="Maximum wait for a publisher confirm.")
     prefetch: int = Field(
         100, ge=1, le=10_000,
         description="Messages the server sends ahead to each subscription's consumer, on top of the push "

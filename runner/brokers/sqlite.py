@@ -223,7 +223,7 @@ class _Store:
                 continue
             if config.on_full is OnFull.REJECT:
                 raise QueueFullError(
-                    f"subscription '{config.name}' of topic '{topic}' holds {config.max_pending} messages, "
+                    f"subscription '{config.name}' of topic '{topic}' has {config.max_pending} unsettled messages, "
                     "its max_pending; retry later or raise max_pending"
                 )
             return False
@@ -487,7 +487,7 @@ class _Store:
         return seqs
 
     def _release_messages(self, subscription: str, seqs: list[int]) -> None:
-        """After deleting delivery rows: shrink the subscription and drop messages nobody holds."""
+        """Shrink the subscription after deleting its delivery rows, and drop messages no subscription still needs."""
         if not seqs:
             return
         connection = self._db
@@ -523,7 +523,7 @@ class _Store:
         return all(rows.get(name) == 1 for name in names)
 
     def changed(self) -> bool:
-        """Whether any connection committed since the last call."""
+        """Return whether any connection committed since the last call."""
         (version,) = self._db.execute("PRAGMA data_version").fetchone()
         changed = version != self.data_version
         self.data_version = version
