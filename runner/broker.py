@@ -177,6 +177,19 @@ class Broker(abc.ABC):
     async def stats(self) -> dict[str, Any]:
         """Counters in the report shape: topics with published, subscriptions with counts."""
 
+    async def all_settled(self, subscriptions: Sequence[str]) -> bool:
+        """Return whether these subscriptions have nothing pending, delayed or in flight.
+
+        Backends with a cheaper way to tell than `stats` override this; the runtime asks
+        it often while it waits for a flow to drain.
+        """
+        report = await self.stats()
+        for name in subscriptions:
+            counts = report["subscriptions"].get(name)
+            if counts is not None and (counts["pending"] or counts["in_flight"]):
+                return False
+        return True
+
     async def set_producer_state(self, name: str, finished: bool) -> None:
         """Record whether a producer finished, for processes that drain without running it."""
         self.__producer_states[name] = finished
@@ -196,6 +209,11 @@ class Broker(abc.ABC):
         """Tell push consumers that a delivery was acked, nacked or expired."""
         for consumer in self._consumers.get(subscription, ()):
             consumer.release(tag)
+
+    def _released_all(self, subscription: str, tags: Sequence[Any]) -> None:
+        """Tell push consumers that these deliveries were acked, nacked or expired."""
+        for consumer in self._consumers.get(subscription, ()):
+            consumer.release_all(tags)
 
 
 class FetchFailures:
@@ -243,6 +261,8 @@ class FetchConsumer:
         self.subscription = subscription
         self.callback = callback
         self.max_in_flight = max_in_flight
+        # The window in use, at most max_in_flight; the runtime fits it to the handler's speed.
+        self.limit = max_in_flight
         self.outstanding: set[Any] = set()
         self.peak_outstanding = 0
         self._room = asyncio.Event()
@@ -253,18 +273,31 @@ class FetchConsumer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"flowrun-consume-{self.subscription}")
 
+    def set_limit(self, limit: int) -> None:
+        """Change the window, between 1 and max_in_flight."""
+        limit = max(1, min(limit, self.max_in_flight))
+        if limit > self.limit:
+            self._room.set()
+        self.limit = limit
+
     def release(self, tag: Any) -> None:
         if tag in self.outstanding:
             self.outstanding.discard(tag)
             self._room.set()
 
+    def release_all(self, tags: Sequence[Any]) -> None:
+        before = len(self.outstanding)
+        self.outstanding.difference_update(tags)
+        if len(self.outstanding) < before:
+            self._room.set()
+
     async def _run(self) -> None:
         while True:
-            while len(self.outstanding) >= self.max_in_flight:
+            while len(self.outstanding) >= self.limit:
                 self._room.clear()
                 await self._room.wait()
 
-            free = self.max_in_flight - len(self.outstanding)
+            free = self.limit - len(self.outstanding)
             deliveries = await fetch_or_back_off(self.broker, self.subscription, free, 5.0, self._failures)
 
             if not deliveries:
@@ -273,7 +306,7 @@ class FetchConsumer:
             for delivery in deliveries:
                 self.outstanding.add(delivery.tag)
                 result = self.callback(delivery)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     task = asyncio.ensure_future(result)
                     self._handlers.add(task)
                     task.add_done_callback(self._handlers.discard)

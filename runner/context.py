@@ -15,13 +15,21 @@ from flowrun.message import HOPS_HEADER
 
 PublishFunction = Callable[[str, Any, str | None, dict[str, str] | None, str | None], Awaitable[str]]
 
-# The publishes started by the handler call running in the current task, so the runtime
-# can wait for them before it acks the message that caused them.
-current_publishes: contextvars.ContextVar[list[asyncio.Future[str]] | None] = contextvars.ContextVar(
-    "flowrun_current_publishes", default=None
-)
-# Hops of the message whose handler is running; None outside handlers (producers).
-current_hops: contextvars.ContextVar[int | None] = contextvars.ContextVar("flowrun_current_hops", default=None)
+class HandlerCall:
+    """The handler call running in the current task: its message's hops and the publishes it started.
+
+    The runtime waits for those publishes before it acks the message that caused them.
+    """
+
+    __slots__ = ("hops", "publishes")
+
+    def __init__(self, hops: int) -> None:
+        self.hops = hops
+        self.publishes: list[asyncio.Future[str]] = []
+
+
+# None outside handler calls (in producers).
+current_call: contextvars.ContextVar[HandlerCall | None] = contextvars.ContextVar("flowrun_current_call", default=None)
 
 
 class Context:
@@ -82,9 +90,9 @@ class Context:
         self.check_topic(topic)
 
         headers = dict(headers or {})
-        hops = current_hops.get()
-        if hops is not None:
-            headers[HOPS_HEADER] = str(hops + 1)
+        call = current_call.get()
+        if call is not None:
+            headers[HOPS_HEADER] = str(call.hops + 1)
 
         try:
             running = asyncio.get_running_loop()
@@ -93,9 +101,8 @@ class Context:
 
         if running is self._loop:
             future = asyncio.ensure_future(self._publish_function(topic, payload, key, headers, id))
-            pending = current_publishes.get()
-            if pending is not None:
-                pending.append(future)
+            if call is not None:
+                call.publishes.append(future)
             return future
 
         coroutine = self._publish_function(topic, payload, key, headers, id)

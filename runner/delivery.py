@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import traceback
+from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import ValidationError
 
 from flowrun.broker import Broker, ErrorInfo, FetchConsumer, FetchFailures, Nack, SubscriptionConfig, fetch_or_back_off
-from flowrun.context import Context, current_hops, current_publishes
+from flowrun.context import Context, HandlerCall, current_call
 from flowrun.errors import HopLimitError, PayloadError, UndeclaredTopicError
 from flowrun.logs import RepeatLimiter
-from flowrun.message import HOPS_HEADER, Delivery, Message, Outcome, loop_call
+from flowrun.message import ACKED, HOPS_HEADER, Delivery, Message, Outcome, loop_call
 from flowrun.plugins import Handler, Invoker
 from flowrun.schemas import describe_validation_error
 from flowrun.spec import AckPolicy, DeliveryMode, ErrorAction, SubscriberSpec
@@ -34,6 +37,11 @@ from flowrun.spec import AckPolicy, DeliveryMode, ErrorAction, SubscriberSpec
 logger = logging.getLogger(__name__)
 
 TRACEBACK_CHARS = 4000
+# Deliveries waiting for a worker must be handled within this share of the ack timeout.
+WINDOW_SHARE_OF_ACK_TIMEOUT = 0.5
+# Weight of the newest timed handler call in the running mean, and how often a call is timed.
+DURATION_WEIGHT = 0.2
+WINDOW_SAMPLE_EVERY = 8
 # Errors for which another delivery cannot help: they go straight to the dead-letter topic.
 TERMINAL_ERRORS: tuple[type[BaseException], ...] = (HopLimitError, PayloadError, UndeclaredTopicError)
 
@@ -132,8 +140,10 @@ class SubscriptionWorker:
         self.active = 0
         self.handled = 0
         self.failed = 0
-        # asyncio.Queue wakes one waiting worker per delivery, not all of them.
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        # Fetched deliveries waiting for a worker; workers sleep on `_has_work` when it is empty.
+        self._ready: deque[Delivery] = deque()
+        self._has_work = asyncio.Event()
+        self._mean_duration: float | None = None
         self._settled_locally = asyncio.Event()
         self._pulled = 0
         self._capacity = asyncio.Event()
@@ -143,6 +153,7 @@ class SubscriptionWorker:
         self._failures = FetchFailures()
         self._errors = RepeatLimiter(logger, broker.clock)
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
 
     # Lifecycle
 
@@ -153,6 +164,7 @@ class SubscriptionWorker:
         ]
         if self.spec.mode is DeliveryMode.PUSH:
             self._consumer = self.broker.consume(self.name, self._enqueue, self.spec.effective_max_in_flight)
+            self._consumer.set_limit(2 * self.spec.concurrency)
         else:
             self._pull_task = asyncio.create_task(self._pull_loop(), name=f"flowrun-pull-{self.name}")
         logger.info("subscriber '%s' started on topic '%s' (%s, ack %s)", self.name, self.spec.topic,
@@ -172,44 +184,62 @@ class SubscriptionWorker:
     async def finish(self, timeout: float) -> int:
         """Let queued and running deliveries finish within `timeout`; return how many did not."""
         deadline = self.broker.clock.monotonic() + timeout
-        while self._queue.qsize() or self.active:
+        while self._ready or self.active:
             remaining = deadline - self.broker.clock.monotonic()
             if remaining <= 0:
                 break
             self._settled_locally.clear()
             await self.broker.clock.wait(self._settled_locally, remaining)
 
-        unfinished = self._queue.qsize() + self.active
+        unfinished = len(self._ready) + self.active
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
 
         # Fetched but never started: hand them back at once instead of waiting for the ack timeout.
-        while not self._queue.empty():
-            delivery = self._queue.get_nowait()
-            self.batcher.nack(Nack(delivery.tag, delay=0.0))
+        while self._ready:
+            self.batcher.nack(Nack(self._ready.popleft().tag, delay=0.0))
         return unfinished
 
     @property
     def idle(self) -> bool:
-        return self.active == 0 and self._queue.empty() and not self.batcher.busy
+        return self.active == 0 and not self._ready and not self.batcher.busy
 
     # Taking deliveries
 
     def _enqueue(self, delivery: Delivery) -> None:
-        self._queue.put_nowait(delivery)
+        self._ready.append(delivery)
+        self._has_work.set()
 
     async def _work(self) -> None:
+        # A handler that does not suspend lets one worker run through every waiting
+        # delivery in one event-loop turn; the push window bounds how many that is.
+        ready = self._ready
+        clock = self.broker.clock
         while True:
-            delivery = await self._queue.get()
+            if not ready:
+                self._has_work.clear()
+                await self._has_work.wait()
+                continue
+
+            message = Message(ready.popleft(), self._on_settle)
+            # Every WINDOW_SAMPLE_EVERY-th call is timed, enough to follow the handler's speed.
+            timed = self._consumer is not None and (self.handled + self.failed) % WINDOW_SAMPLE_EVERY == 0
+            started = clock.monotonic() if timed else 0.0
+            self.active += 1
             try:
-                await self._handle(delivery)
+                error = await self._invoke(message)
             finally:
-                if self._pull_task is not None:
-                    self._pulled -= 1
-                    self._capacity.set()
-                self._settled_locally.set()
+                self.active -= 1
+            if timed:
+                self._resize_window(clock.monotonic() - started)
+
+            self._conclude(message, error)
+            if self._pull_task is not None:
+                self._pulled -= 1
+                self._capacity.set()
+            self._settled_locally.set()
 
     async def _pull_loop(self) -> None:
         # Fetched messages wait for a free worker, so a batch larger than the concurrency
@@ -230,14 +260,7 @@ class SubscriptionWorker:
 
     # Handling one delivery
 
-    async def _handle(self, delivery: Delivery) -> None:
-        self.active += 1
-        message = Message(delivery, self._on_settle)
-        try:
-            error = await self._invoke(message)
-        finally:
-            self.active -= 1
-
+    def _conclude(self, message: Message, error: BaseException | None) -> None:
         if error is None:
             self.handled += 1
         else:
@@ -250,27 +273,35 @@ class SubscriptionWorker:
         self._apply_policy(message, error)
 
     async def _invoke(self, message: Message) -> BaseException | None:
-        publishes: list[asyncio.Future[str]] = []
-        publish_token = current_publishes.set(publishes)
-        hops_token = current_hops.set(_hops_of(message))
+        """Call the handler; return the error it raised, or that one of its publishes raised."""
+        call = HandlerCall(_hops_of(message.headers))
+        token = current_call.set(call)
         try:
-            await self._call_handler(message)
+            await self._start_handler(message)
             error: BaseException | None = None
         except Exception as raised:  # noqa: BLE001 - every handler error is settled, not raised
             error = raised
         finally:
-            current_publishes.reset(publish_token)
-            current_hops.reset(hops_token)
+            current_call.reset(token)
 
         # Publishes the handler started but did not await must be stored before the ack.
-        if publishes:
-            for outcome in await asyncio.gather(*publishes, return_exceptions=True):
+        if call.publishes:
+            for outcome in await asyncio.gather(*call.publishes, return_exceptions=True):
                 if isinstance(outcome, BaseException) and error is None:
                     error = outcome
         return error
 
-    async def _call_handler(self, message: Message) -> None:
+    def _start_handler(self, message: Message) -> Awaitable[Any]:
+        """Return the awaitable of one handler call (a plain async handler's own coroutine)."""
         argument = self._argument(message)
+        handler = self.handler
+        if self.spec.handler_timeout is None and handler.is_async:
+            if handler.takes_context:
+                return handler.function(argument, self.context)
+            return handler.function(argument)
+        return self._call_handler(argument)
+
+    async def _call_handler(self, argument: Any) -> None:
         timeout = self.spec.handler_timeout
         if timeout is None:
             await self.handler.handle(self.invoker, argument, self.context)
@@ -294,6 +325,22 @@ class SubscriptionWorker:
                 f"the input type of subscriber '{self.name}': {describe_validation_error(error)}"
             ) from None
 
+    def _resize_window(self, duration: float) -> None:
+        """Fit the push window to the handler's speed, so no fetched delivery waits out its lease.
+
+        The broker's ack timeout runs from the fetch, also while a delivery waits here for a
+        worker. The window starts at 2 x concurrency and grows up to max_in_flight as long as
+        a full window is handled within half the ack timeout.
+        """
+        assert self._consumer is not None
+        mean = self._mean_duration
+        mean = duration if mean is None else mean + DURATION_WEIGHT * (duration - mean)
+        self._mean_duration = mean
+
+        budget = self.config.ack_timeout * WINDOW_SHARE_OF_ACK_TIMEOUT * self.spec.concurrency
+        fits = int(budget / mean) if mean > 0 else self.spec.effective_max_in_flight
+        self._consumer.set_limit(max(fits, self.spec.concurrency))
+
     def _apply_policy(self, message: Message, error: BaseException | None) -> None:
         if error is not None:
             action = self._error_action(error)
@@ -305,8 +352,8 @@ class SubscriptionWorker:
                 message.nack(error=error)
             return
 
-        if self.spec.ack is not AckPolicy.EXPLICIT:
-            message.ack()
+        if self.spec.ack is not AckPolicy.EXPLICIT and message.claim(ACKED):
+            self.batcher.ack(message.delivery.tag)
 
     def _error_action(self, error: BaseException) -> ErrorAction:
         """Look up the error's class, then its bases, in the subscription's error routes."""
@@ -322,7 +369,10 @@ class SubscriptionWorker:
     def _on_settle(self, message: Message, outcome: Outcome) -> None:
         tag = message.delivery.tag
         if outcome.acked:
-            loop_call(self._loop, lambda: self.batcher.ack(tag))
+            if threading.get_ident() == self._loop_thread:
+                self.batcher.ack(tag)
+            else:
+                self._loop.call_soon_threadsafe(self.batcher.ack, tag)
             return
 
         info = describe_error(outcome.error) if outcome.error is not None else None
@@ -335,8 +385,11 @@ class SubscriptionWorker:
         self._errors.flush()
 
 
-def _hops_of(message: Message) -> int:
+def _hops_of(headers: dict[str, str]) -> int:
+    hops = headers.get(HOPS_HEADER) if headers else None
+    if hops is None:
+        return 0
     try:
-        return int(message.headers.get(HOPS_HEADER, "0"))
+        return int(hops)
     except ValueError:
         return 0

@@ -55,6 +55,10 @@ class Outcome:
         self.dead_letter = dead_letter
 
 
+ACKED = Outcome(acked=True)
+_SETTLE_LOCK = threading.Lock()
+
+
 class Message:
     """A delivered message as a handler sees it.
 
@@ -63,7 +67,7 @@ class Message:
     handler returns unless the handler already did.
     """
 
-    __slots__ = ("_delivery", "_payload", "_decoded", "_on_settle", "_outcome", "_lock")
+    __slots__ = ("_delivery", "_payload", "_decoded", "_on_settle", "_outcome")
 
     def __init__(self, delivery: Delivery, on_settle: Callable[[Message, Outcome], None]) -> None:
         self._delivery = delivery
@@ -71,7 +75,6 @@ class Message:
         self._decoded = False
         self._on_settle = on_settle
         self._outcome: Outcome | None = None
-        self._lock = threading.Lock()
 
     @property
     def id(self) -> str:
@@ -120,7 +123,7 @@ class Message:
 
     def ack(self) -> None:
         """Mark the message done; later ack or nack calls are ignored."""
-        self._settle(Outcome(acked=True))
+        self._settle(ACKED)
 
     def nack(self, delay: float | None = None, error: BaseException | None = None) -> None:
         """Return the message for redelivery after `delay` seconds (default: the retry backoff)."""
@@ -134,12 +137,21 @@ class Message:
         """Discard the message without retrying or dead-lettering it; it counts as dropped."""
         self._settle(Outcome(acked=False, error=error, terminal=True, dead_letter=False))
 
-    def _settle(self, outcome: Outcome) -> None:
-        with self._lock:
+    def claim(self, outcome: Outcome) -> bool:
+        """Record `outcome` unless the message is settled; return whether it was recorded.
+
+        The runtime uses this to settle on a handler's behalf without the settle callback.
+        """
+        # One lock shared by all messages; only a sync handler settling from its thread contends.
+        with _SETTLE_LOCK:
             if self._outcome is not None:
-                return
+                return False
             self._outcome = outcome
-        self._on_settle(self, outcome)
+            return True
+
+    def _settle(self, outcome: Outcome) -> None:
+        if self.claim(outcome):
+            self._on_settle(self, outcome)
 
     def __repr__(self) -> str:
         return f"Message(id={self.id!r}, topic={self.topic!r}, delivery_count={self.delivery_count})"

@@ -152,6 +152,7 @@ class Handler:
         if required > 2 or maximum == 0:
             raise PluginError(reference, "a handler must accept (message, context) or (message)")
         self.takes_context = maximum == -1 or maximum >= 2
+        self.is_async = inspect.iscoroutinefunction(self.function)
 
         # A handler annotated with a pydantic model gets the parsed payload instead of the Message.
         from flowrun.schemas import input_model
@@ -165,6 +166,10 @@ class Handler:
             await invoker.call(self._setup, context)
 
     async def handle(self, invoker: Invoker, message: Any, context: Any) -> Any:
+        if self.is_async:
+            if self.takes_context:
+                return await self.function(message, context)
+            return await self.function(message)
         if self.takes_context:
             return await invoker.call(self.function, message, context)
         return await invoker.call(self.function, message)

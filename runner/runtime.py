@@ -6,7 +6,6 @@ import asyncio
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,17 +17,21 @@ from flowrun.clock import SYSTEM_CLOCK, Clock
 from flowrun.context import Context
 from flowrun.delivery import SubscriptionWorker
 from flowrun.errors import FlowrunError, HopLimitError, PluginError
+from flowrun.ids import new_id
 from flowrun.loader import LoadedFlow
 from flowrun.message import HOPS_HEADER, Envelope
 from flowrun.outgoing import Outgoing
 from flowrun.plugins import Handler, Invoker, Producer, resolve
 from flowrun.schemas import SchemaError, TopicSchema, load_topic_schema
+from flowrun.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
 SYNC_ITERATOR_CHUNK = 256
 # A chunk is published after this long even if it is not full, so slow sources are not held back.
 SYNC_CHUNK_SECONDS = 0.05
+# Most items of an async producer waiting while the previous batch is being published.
+ASYNC_BATCH = 256
 DRAIN_CHECK_SECONDS = 0.02
 
 
@@ -174,20 +177,25 @@ class FlowRuntime:
     def _envelope(
         self, topic: str, payload: Any, key: str | None, headers: dict[str, str] | None, message_id: str | None
     ) -> Envelope:
-        headers = headers or {}
+        if headers:
+            self._check_hops(topic, headers)
+        else:
+            headers = {}
+        body = codec.encode(payload, topic)
+        schema = self._schemas.get(topic)
+        if schema is not None:
+            schema.validate(body)
+        if message_id is None:
+            return Envelope(new_id(), topic, body, key, headers, self.clock.wall())
+        return Envelope(message_id, topic, body, key, headers, self.clock.wall(), dedupe=True)
+
+    def _check_hops(self, topic: str, headers: dict[str, str]) -> None:
         hops = int(headers.get(HOPS_HEADER, "0") or 0)
         if hops > self.flow.spec.max_hops:
             raise HopLimitError(
                 f"message to topic '{topic}' passed {hops} handlers, above max_hops {self.flow.spec.max_hops}; "
                 "the flow loops, so the message is dead-lettered (or dropped without a dead-letter topic)"
             )
-        body = codec.encode(payload, topic)
-        schema = self._schemas.get(topic)
-        if schema is not None:
-            schema.validate(body)
-        if message_id is None:
-            return Envelope(uuid.uuid4().hex, topic, body, key, headers, self.clock.wall())
-        return Envelope(message_id, topic, body, key, headers, self.clock.wall(), dedupe=True)
 
     # Producers
 
@@ -235,8 +243,35 @@ class FlowRuntime:
         return self._envelope(topic, payload, key, dict(headers) if headers else None, message_id)
 
     async def _publish_async_items(self, name: str, context: Context, items: AsyncIterator[Any]) -> None:
-        async for item in items:
-            await self.broker.publish([self._route(name, context, item)])
+        # One publish runs at a time, in the background. Items yielded meanwhile collect in
+        # a batch of at most ASYNC_BATCH, which becomes the next publish: a generator that
+        # yields without waiting fills whole batches, and a paced one has each item sent
+        # at once because the previous publish has finished.
+        batch: list[Envelope] = []
+        publishing: asyncio.Task[None] | None = None
+        try:
+            async for item in items:
+                batch.append(self._route(name, context, item))
+                if publishing is not None and not publishing.done() and len(batch) < ASYNC_BATCH:
+                    continue
+                if publishing is not None:
+                    await publishing
+                publishing = asyncio.create_task(self.broker.publish(batch), name=f"flowrun-publish-{name}")
+                batch = []
+        except asyncio.CancelledError:
+            await cancel_and_wait(publishing)
+            raise
+        except Exception:
+            # Items yielded before a failing one are published, as they would be one by one.
+            await self._finish_publishing(publishing, batch)
+            raise
+        await self._finish_publishing(publishing, batch)
+
+    async def _finish_publishing(self, publishing: asyncio.Task[None] | None, batch: list[Envelope]) -> None:
+        if publishing is not None:
+            await publishing
+        if batch:
+            await self.broker.publish(batch)
 
     async def _publish_sync_items(self, name: str, context: Context, invoker: Invoker, items: Iterator[Any]) -> None:
         # Sync iterators may block (files, network), so chunks of items are read on a thread
@@ -270,13 +305,8 @@ class FlowRuntime:
             return False
         if not all(worker.idle for worker in self.workers.values()):
             return False
-        report = await self.broker.stats()
-        for name, counts in report["subscriptions"].items():
-            if self.only is not None and name not in self.only:
-                continue
-            if counts["pending"] or counts["in_flight"]:
-                return False
-        return True
+        names = [name for name in self.flow.spec.subscribers if self._selected(name)]
+        return await self.broker.all_settled(names)
 
     async def wait(self, until_drained: bool) -> None:
         """Return when a stop was requested or, with `until_drained`, when the flow drained."""

@@ -15,6 +15,8 @@ from flowrun.durations import parse_duration
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
+# Push window of a subscriber that sets no max_in_flight (at least 2 x its concurrency).
+DEFAULT_MAX_IN_FLIGHT = 100
 
 
 class StrictModel(BaseModel):
@@ -123,7 +125,9 @@ class SubscriberSpec(StrictModel):
     retry: RetrySpec = Field(default_factory=RetrySpec, description="Backoff between deliveries.")
     concurrency: int = Field(1, ge=1, le=10_000, description="Handler calls running at once.")
     max_in_flight: int | None = Field(
-        None, ge=1, le=100_000, description="Push: cap on unacknowledged messages (default: 2 x concurrency)."
+        None, ge=1, le=100_000,
+        description=f"Push: cap on unacknowledged messages (default: {DEFAULT_MAX_IN_FLIGHT} or 2 x concurrency, "
+                    "whichever is larger).",
     )
     batch_size: int = Field(10, ge=1, le=10_000, description="Pull: most messages taken in one fetch.")
     max_wait: Duration = Field(1.0, description="Pull: longest wait of a fetch on an empty queue.")
@@ -150,7 +154,7 @@ class SubscriberSpec(StrictModel):
 
     @property
     def effective_max_in_flight(self) -> int:
-        return self.max_in_flight or 2 * self.concurrency
+        return self.max_in_flight or max(DEFAULT_MAX_IN_FLIGHT, 2 * self.concurrency)
 
 
 class FlowSpec(StrictModel):

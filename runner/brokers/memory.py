@@ -11,7 +11,6 @@ import asyncio
 import heapq
 import itertools
 import logging
-import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from typing import Any
 
 from flowrun.broker import Broker, ErrorInfo, Nack, SubscriptionConfig, Topology, dead_letter_headers
 from flowrun.clock import SYSTEM_CLOCK, Clock
-from flowrun.counters import Counters, Gauges
+from flowrun.counters import Counters, Gauges, SubscriptionCounters
 from flowrun.errors import BrokerError, QueueFullError
+from flowrun.ids import new_id
 from flowrun.message import Delivery, Envelope
 from flowrun.brokers.options import MemoryOptions
 from flowrun.spec import AckPolicy, BrokerSpec, OnFull
@@ -114,8 +114,46 @@ class MemoryBroker(Broker):
     # Publishing
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        done = 0
+        while done < len(envelopes):
+            fitting = self._count_fitting(envelopes, done)
+            if fitting:
+                self._store(envelopes[done:done + fitting])
+                done += fitting
+                continue
+            # The next envelope does not fit (or its topic is unknown): wait for room or raise.
+            await self._publish_one(envelopes[done], bounded=True)
+            done += 1
+
+    def _count_fitting(self, envelopes: Sequence[Envelope], start: int) -> int:
+        """Count the envelopes from `start` on that every queue they go to has room for."""
+        room: dict[int, int] = {}
+        count = 0
+        for envelope in envelopes[start:]:
+            queues = self._by_topic.get(envelope.topic)
+            if queues is None:
+                break
+            for queue in queues:
+                left = room.get(id(queue))
+                if left is None:
+                    left = queue.config.max_pending - queue.size
+                if left <= 0:
+                    return count
+                room[id(queue)] = left - 1
+            count += 1
+        return count
+
+    def _store(self, envelopes: Sequence[Envelope]) -> None:
+        touched: dict[int, _Queue] = {}
+        published = self.counters.published
         for envelope in envelopes:
-            await self._publish_one(envelope, bounded=True)
+            for queue in self._by_topic[envelope.topic]:
+                queue.ready.append(_Entry(envelope))
+                touched[id(queue)] = queue
+            published[envelope.topic] += 1
+        for queue in touched.values():
+            queue.update_room()
+            queue.not_empty.set()
 
     async def _publish_one(self, envelope: Envelope, bounded: bool) -> None:
         queues = self._by_topic.get(envelope.topic)
@@ -154,7 +192,9 @@ class MemoryBroker(Broker):
         while True:
             entries = self._take(queue, max_messages)
             if entries:
-                return [self._deliver(queue, entry) for entry in entries]
+                now = self.clock.monotonic()
+                counters = self.counters.subscriptions[subscription]
+                return [self._deliver(queue, entry, now, counters) for entry in entries]
 
             remaining = deadline - self.clock.monotonic()
             if self._closed or remaining <= 0:
@@ -181,8 +221,7 @@ class MemoryBroker(Broker):
         queue.ready.extendleft(reversed(skipped))
         return taken
 
-    def _deliver(self, queue: _Queue, entry: _Entry) -> Delivery:
-        now = self.clock.monotonic()
+    def _deliver(self, queue: _Queue, entry: _Entry, now: float, counters: SubscriptionCounters) -> Delivery:
         entry.delivery_count += 1
         if entry.delivery_count == 1:
             entry.first_delivered_at = self.clock.wall()
@@ -199,7 +238,6 @@ class MemoryBroker(Broker):
             self._timer_changed.set()
         queue.in_flight[tag] = _InFlight(entry, delivery, deadline)
 
-        counters = self.counters.subscriptions[queue.config.name]
         counters.delivered += 1
         if entry.delivery_count > 1:
             counters.redelivered += 1
@@ -209,15 +247,18 @@ class MemoryBroker(Broker):
 
     async def ack(self, subscription: str, tags: Sequence[Any]) -> None:
         queue = self._queue(subscription)
-        counters = self.counters.subscriptions[subscription]
+        in_flight = queue.in_flight
+        acked = 0
         for tag in tags:
-            flight = queue.in_flight.pop(tag, None)
+            flight = in_flight.pop(tag, None)
             if flight is None:
                 logger.debug("ignored ack of unknown or expired delivery %s on '%s'", tag, subscription)
                 continue
-            counters.acked += 1
-            self._released(subscription, tag)
-            self._free_key(queue, flight.entry)
+            acked += 1
+            if queue.config.ordered:
+                self._free_key(queue, flight.entry)
+        self.counters.subscriptions[subscription].acked += acked
+        self._released_all(subscription, tags)
         queue.update_room()
 
     async def nack(self, subscription: str, nacks: Sequence[Nack]) -> None:
@@ -267,7 +308,7 @@ class MemoryBroker(Broker):
             return
 
         headers = dead_letter_headers(flight.delivery, config, error, self.clock.wall())
-        envelope = Envelope(uuid.uuid4().hex, config.dead_letter, flight.entry.envelope.body,
+        envelope = Envelope(new_id(), config.dead_letter, flight.entry.envelope.body,
                             flight.entry.envelope.key, headers, self.clock.wall())
         counters.dead_lettered += 1
         logger.error(
@@ -360,6 +401,9 @@ class MemoryBroker(Broker):
         queue.update_room()
 
     # Inspection
+
+    async def all_settled(self, subscriptions: Sequence[str]) -> bool:
+        return all(self._queue(name).size == 0 for name in subscriptions)
 
     async def stats(self) -> dict[str, Any]:
         topics = {name: queue.config.topic for name, queue in self._queues.items()}

@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import sqlite3
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -24,9 +23,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from flowrun.broker import Broker, ErrorInfo, Nack, SubscriptionConfig, Topology, dead_letter_headers
 from flowrun.clock import SYSTEM_CLOCK, Clock
 from flowrun.errors import BrokerError, QueueFullError
+from flowrun.ids import new_id
 from flowrun.message import Delivery, Envelope
 from flowrun.brokers.options import SqliteOptions
 from flowrun.spec import AckPolicy, BrokerSpec, OnFull
@@ -70,7 +72,7 @@ class _PublishBatch:
         seq = self.next_seq
         self.next_seq += 1
         self.message_rows.append((seq, envelope.id, envelope.topic, envelope.body, envelope.key,
-                                  json.dumps(envelope.headers), envelope.published_at, len(holders)))
+                                  _headers_text(envelope.headers), envelope.published_at, len(holders)))
         for config in holders:
             self.delivery_rows.append((config.name, seq, envelope.key, self.now))
             self.sizes[config.name] = self.sizes.get(config.name, 0) + 1
@@ -258,7 +260,7 @@ class _Store:
         connection = self._db
         cursor = connection.execute(
             "INSERT INTO messages (id, topic, body, key, headers, published_at, holders) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (envelope.id, envelope.topic, envelope.body, envelope.key, json.dumps(envelope.headers),
+            (envelope.id, envelope.topic, envelope.body, envelope.key, _headers_text(envelope.headers),
              envelope.published_at, len(holders)),
         )
         seq = cursor.lastrowid
@@ -318,7 +320,7 @@ class _Store:
         first_delivered_at = first_delivered_at or now
         self.leases += 1
         lease = self.leases
-        envelope = Envelope(message_id, topic, body, key, json.loads(headers), published_at)
+        envelope = Envelope(message_id, topic, body, key, _headers_of(headers), published_at)
 
         return Delivery(envelope, config.name, count, _Tag(seq, lease), first_delivered_at)
 
@@ -439,7 +441,7 @@ class _Store:
             (config.name, seq),
         ).fetchone()
         message_id, topic, body, key, headers, published_at, first_delivered_at = row
-        envelope = Envelope(message_id, topic, body, key, json.loads(headers), published_at)
+        envelope = Envelope(message_id, topic, body, key, _headers_of(headers), published_at)
         self._remove(config.name, seq)
 
         if config.dead_letter is None or not dead_letter:
@@ -451,7 +453,7 @@ class _Store:
         delivery = Delivery(envelope, config.name, count, None, first_delivered_at)
         now = self.clock.wall()
         letter_headers = dead_letter_headers(delivery, config, error, now)
-        letter = Envelope(uuid.uuid4().hex, config.dead_letter, body, key, letter_headers, now)
+        letter = Envelope(new_id(), config.dead_letter, body, key, letter_headers, now)
         self._count(config.name, "dead_lettered")
         self._db.execute(
             "INSERT INTO dead_letters (subscription, topic, message_id, body, key, headers, dead_lettered_at) "
@@ -476,14 +478,21 @@ class _Store:
     def _delete_leased(self, subscription: str, tags: Sequence[_Tag]) -> list[int]:
         """Delete the rows these leases still hold; return their seqs (stale leases delete nothing)."""
         seqs: list[int] = []
-        execute = self._db.execute
-        for tag in tags:
-            row = execute(
-                "DELETE FROM deliveries WHERE subscription = ? AND seq = ? AND lease = ? AND leased = 1 RETURNING seq",
-                (subscription, tag.seq, tag.lease),
-            ).fetchone()
-            if row is not None:
-                seqs.append(row[0])
+        for start in range(0, len(tags), SQL_CHUNK):
+            chunk = tags[start:start + SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            # Primary-key lookups by seq, then the lease compared here: faster than matching
+            # (seq, lease) pairs in SQL.
+            held = dict(self._db.execute(
+                f"SELECT seq, lease FROM deliveries WHERE subscription = ? AND leased = 1 AND seq IN ({marks})",
+                [subscription, *(tag.seq for tag in chunk)],
+            ).fetchall())
+            still_held = [tag.seq for tag in chunk if held.get(tag.seq) == tag.lease]
+            if still_held:
+                marks = ",".join("?" * len(still_held))
+                self._db.execute(f"DELETE FROM deliveries WHERE subscription = ? AND seq IN ({marks})",
+                                 [subscription, *still_held])
+            seqs += still_held
         return seqs
 
     def _release_messages(self, subscription: str, seqs: list[int]) -> None:
@@ -528,6 +537,12 @@ class _Store:
         changed = version != self.data_version
         self.data_version = version
         return changed
+
+    def all_settled(self, subscriptions: Sequence[str]) -> bool:
+        # `size` counts a subscription's unsettled rows; it changes with every publish and settle.
+        marks = ",".join("?" * len(subscriptions))
+        query = f"SELECT COUNT(*) FROM subscriptions WHERE name IN ({marks}) AND size > 0"
+        return self._db.execute(query, list(subscriptions)).fetchone()[0] == 0
 
     def stats(self) -> dict[str, Any]:
         connection = self._db
@@ -575,7 +590,7 @@ class _Store:
         letters = []
         for number, sub, topic, message_id, body, key, headers, at in self._db.execute(query + " ORDER BY number", parameters):
             letters.append({"number": number, "subscription": sub, "topic": topic, "message_id": message_id,
-                            "body": body, "key": key, "headers": json.loads(headers), "dead_lettered_at": at})
+                            "body": body, "key": key, "headers": _headers_of(headers), "dead_lettered_at": at})
         return letters
 
     def replay_dead_letters(self, subscription: str | None) -> int:
@@ -587,7 +602,7 @@ class _Store:
                 raise BrokerError(f"dead letter {letter['number']} belongs to subscription '{letter['subscription']}', "
                                   "which the flow no longer declares")
             headers = {k: v for k, v in letter["headers"].items() if not k.startswith("flowrun.")}
-            envelope = Envelope(uuid.uuid4().hex, letter["topic"], letter["body"], letter["key"], headers,
+            envelope = Envelope(new_id(), letter["topic"], letter["body"], letter["key"], headers,
                                 self.clock.wall())
             self._insert(envelope, [config])
             self._db.execute("DELETE FROM dead_letters WHERE number = ?", (letter["number"],))
@@ -622,6 +637,14 @@ class _Transaction:
             self.connection.execute("COMMIT")
         else:
             self.connection.execute("ROLLBACK")
+
+
+def _headers_text(headers: dict[str, str]) -> str:
+    return orjson.dumps(headers).decode() if headers else "{}"
+
+
+def _headers_of(text: str) -> dict[str, str]:
+    return orjson.loads(text) if text != "{}" else {}
 
 
 def _config_json(config: SubscriptionConfig) -> dict[str, Any]:
@@ -849,6 +872,9 @@ class SqliteBroker(Broker):
 
     async def stats(self) -> dict[str, Any]:
         return await self._write(self._store.stats)
+
+    async def all_settled(self, subscriptions: Sequence[str]) -> bool:
+        return await self._write(lambda: self._store.all_settled(subscriptions))
 
     # Leases of this process: expire them on time so push caps and drains see it.
 
