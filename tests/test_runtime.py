@@ -861,6 +861,80 @@ async def test_push_respects_max_in_flight(folder):
     assert counts_of(report, "billing")["acked"] == 30
 
 
+async def test_push_window_stays_within_the_ack_timeout_for_slow_handlers(folder):
+    # 20 messages of 100 ms each take 2 s in all, twice the ack timeout. Fetching the
+    # default max_in_flight (100) at once would let the later ones wait out their lease
+    # and be delivered again; the window must shrink to what 0.5 s of handling covers.
+    source = folder.plugin("source", NUMBERS_PRODUCER)
+    slow = folder.plugin("slow", """
+        import asyncio
+
+        seen = []
+
+        async def handle(message, context):
+            seen.append(message.payload)
+            await asyncio.sleep(0.1)
+    """)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {source}:numbers
+            publishes: [Orders]
+            with:
+              count: 20
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {slow}:handle
+            ack_timeout: 1s
+    """)
+
+    report = (await run_until_drained(folder)).report
+
+    assert counts_of(report, "billing")["redelivered"] == 0
+    assert counts_of(report, "billing")["acked"] == 20
+    assert sorted(module(slow).seen) == list(range(20))
+
+
+async def test_push_window_grows_to_max_in_flight_for_fast_handlers(folder):
+    source = folder.plugin("source", NUMBERS_PRODUCER)
+    counter = folder.plugin("counter", """
+        waiting = []
+
+        async def handle(message, context):
+            waiting.append(message.payload)
+    """)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {source}:numbers
+            publishes: [Orders]
+            with:
+              count: 3000
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {counter}:handle
+            max_in_flight: 50
+    """)
+    runtime = FlowRuntime(load_flow(folder.flow_path))
+    await runtime.start()
+    try:
+        await asyncio.wait_for(runtime.wait(until_drained=True), RUN_TIMEOUT)
+        consumer = runtime.workers["billing"]._consumer
+        assert consumer is not None
+        peak = consumer.peak_outstanding
+    finally:
+        result = await runtime.stop()
+
+    assert peak == 50
+    assert counts_of(result.report, "billing")["acked"] == 3000
+
+
 async def test_pull_respects_batch_size_and_concurrency(folder):
     source = folder.plugin("source", NUMBERS_PRODUCER)
     gated = folder.plugin("gated", """
