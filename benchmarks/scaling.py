@@ -39,10 +39,10 @@ PROCESS_COUNTS = (1, 2, 4)
 PROCESS_BACKENDS = ("sqlite", "redis", "nats")
 DEFAULT_PENDING = 1_000_000
 # Messages handled in total per point (all subscribers together), at --messages 1,500,000.
-HANDLED_PER_POINT = {"memory": 200_000, "sqlite": 30_000}
-SIZE_HANDLED = {("memory", 300): 200_000, ("memory", 4096): 100_000, ("memory", 65536): 20_000,
-                ("sqlite", 300): 30_000, ("sqlite", 4096): 20_000, ("sqlite", 65536): 6_000}
-PROCESS_MESSAGES = {"sqlite": 20_000, "redis": 20_000, "nats": 20_000}
+HANDLED_PER_POINT = {"memory": 800_000, "sqlite": 200_000}
+SIZE_HANDLED = {("memory", 300): 800_000, ("memory", 4096): 400_000, ("memory", 65536): 40_000,
+                ("sqlite", 300): 200_000, ("sqlite", 4096): 100_000, ("sqlite", 65536): 20_000}
+PROCESS_MESSAGES = {"sqlite": 100_000, "redis": 100_000, "nats": 100_000}
 DEFAULT_MESSAGES = 1_500_000
 WORKER_TIMEOUT_SECONDS = 600.0
 

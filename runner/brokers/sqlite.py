@@ -501,9 +501,6 @@ class _Store:
             return
         connection = self._db
         self.removed_since_vacuum += len(seqs)
-        if self.removed_since_vacuum >= VACUUM_EVERY:
-            self.removed_since_vacuum = 0
-            self._return_free_pages()
         connection.execute("UPDATE subscriptions SET size = size - ? WHERE name = ?", (len(seqs), subscription))
         for start in range(0, len(seqs), SQL_CHUNK):
             chunk = seqs[start:start + SQL_CHUNK]
@@ -511,11 +508,19 @@ class _Store:
             connection.execute(f"UPDATE messages SET holders = holders - 1 WHERE seq IN ({marks})", chunk)
             connection.execute(f"DELETE FROM messages WHERE seq IN ({marks}) AND holders <= 0", chunk)
 
-    def _return_free_pages(self) -> None:
-        """Give free pages back once a backlog has drained, so the file shrinks after a surge."""
+    def return_free_pages(self) -> None:
+        """Every VACUUM_EVERY removals, give free pages back so the file shrinks after a surge.
+
+        Runs outside the group-commit transaction: `incremental_vacuum` frees one page per
+        step, and only `executescript` steps it to the end (`execute` frees a single page).
+        `executescript` would commit an open transaction first.
+        """
+        if self.removed_since_vacuum < VACUUM_EVERY:
+            return
+        self.removed_since_vacuum = 0
         (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
         if free > FREE_PAGES_KEPT:
-            self._db.execute(f"PRAGMA incremental_vacuum({free - FREE_PAGES_KEPT})")
+            self._db.executescript(f"PRAGMA incremental_vacuum({free - FREE_PAGES_KEPT});")
 
     def _count(self, subscription: str, column: str) -> None:
         self._db.execute(f"UPDATE subscriptions SET {column} = {column} + 1 WHERE name = ?", (subscription,))
@@ -780,6 +785,15 @@ class SqliteBroker(Broker):
         Savepoints per job would isolate failures too, but cost more than the jobs on a
         busy broker, and jobs fail rarely (a rejected publish, a disk error).
         """
+        results = self._run_jobs_together(jobs)
+        try:
+            self._store.return_free_pages()
+        except sqlite3.Error as error:
+            # Only the file size suffers; the next round tries again.
+            logger.warning("returning free pages of %s failed: %s", self.path, error)
+        return results
+
+    def _run_jobs_together(self, jobs: list[_Job]) -> list[tuple[bool, Any]]:
         try:
             with self._store.transaction():
                 return [(True, job.work()) for job in jobs]
