@@ -194,8 +194,8 @@ class _Puller:
     """Pull requests of one consumer, received on one inbox.
 
     Each request has its own reply subject, so the server's status that ends a request
-    (404 no messages, 408 expired, 409 conflict) is matched to it. Messages arrive with
-    their own subject, so they all go to one buffer. A message that arrives after its
+    (404 no messages, 408 expired or done, 409 conflict) is matched to it. Messages arrive
+    with their own subject, so they all go to one buffer. A message that arrives after its
     fetch gave up stays there for the next fetch.
     """
 
@@ -235,19 +235,33 @@ class _Puller:
     async def pull(self, max_messages: int, deadline: float) -> list[tuple[Msg, float]]:
         """Return up to `max_messages` messages, waiting until `deadline` for the first."""
         if not self.buffer:
+            await self._ask(max_messages, deadline)
+
+        messages: list[tuple[Msg, float]] = []
+        while self.buffer and len(messages) < max_messages:
+            messages.append(self.buffer.popleft())
+        return messages
+
+    async def _ask(self, max_messages: int, deadline: float) -> None:
+        """Ask the server for up to `max_messages`, waiting until `deadline` for the first.
+
+        A no-wait request with an expiry returns what is ready at once, or else the first
+        messages to arrive, and then ends (as nats-server 2.9.10 does). A server that replies
+        to it at once with 404 (no messages) gets a long poll for one message next.
+        """
+        remaining = deadline - self.clock.monotonic()
+        if remaining > 0:
+            request = {"batch": max_messages, "no_wait": True, "expires": _nanoseconds(remaining)}
+            await self._request(request, max_messages, deadline)
+        else:
             # Take what is ready at once, because the server replies to a no-wait request immediately.
-            reply_deadline = max(deadline, self.clock.monotonic() + NO_WAIT_REPLY_SECONDS)
+            reply_deadline = self.clock.monotonic() + NO_WAIT_REPLY_SECONDS
             await self._request({"batch": max_messages, "no_wait": True}, max_messages, reply_deadline)
 
         remaining = deadline - self.clock.monotonic()
         if not self.buffer and remaining > 0:
             # Long poll for one message, so the fetch returns as soon as anything arrives.
             await self._request({"batch": 1, "expires": _nanoseconds(remaining)}, 1, deadline)
-
-        messages: list[tuple[Msg, float]] = []
-        while self.buffer and len(messages) < max_messages:
-            messages.append(self.buffer.popleft())
-        return messages
 
     async def _request(self, request: dict[str, Any], target: int, deadline: float) -> None:
         """Send a pull request, then wait until `target` messages are buffered or it ends."""
