@@ -79,7 +79,7 @@ SYSTEMS: list[System] = [
            description="persist-queue SQLiteAckQueue, defaults (synchronous=FULL)"),
     System("persist-queue-normal", "persistqueue_ack", 0.01, {"synchronous": "normal"}, modules=("persistqueue",),
            description="persist-queue SQLiteAckQueue, PRAGMA synchronous=NORMAL"),
-    System("redis-py-batched", "redis_streams", 0.08, {"mode": "batched", "batch": 100},
+    System("redis-py-batched", "redis_streams", 0.3, {"mode": "batched", "batch": 100},
            modules=("redis",), server="redis",
            description="redis-py Streams, pipelined XADD, XREADGROUP COUNT 100, XACK"),
     System("redis-py-single", "redis_streams", 0.01, {"mode": "single"}, modules=("redis",), server="redis",
@@ -96,9 +96,9 @@ SYSTEMS: list[System] = [
            description="aio-pika, confirms every 100 publishes, fanout to 2 quorum queues, prefetch 100"),
     _flowrun("memory", 0.3),
     _flowrun("sqlite", 0.1),
-    _flowrun("redis", 0.005, "redis"),
-    _flowrun("rabbitmq", 0.002, "aio_pika"),
-    _flowrun("nats", 0.005, "nats"),
+    _flowrun("redis", 0.1, "redis"),
+    _flowrun("rabbitmq", 0.013, "aio_pika"),
+    _flowrun("nats", 0.035, "nats"),
 ]
 
 
