@@ -24,7 +24,7 @@ from flowrun.message import HOPS_HEADER, Envelope
 from flowrun.outgoing import Outgoing
 from flowrun.plugins import Handler, Invoker, Producer, resolve
 from flowrun.schemas import SchemaError, TopicSchema, load_topic_schema
-from flowrun.tasks import cancel_and_wait
+from flowrun.publisher import BatchPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -250,35 +250,18 @@ class FlowRuntime:
         return self._envelope(topic, payload, key, dict(headers) if headers else None, message_id)
 
     async def _publish_async_items(self, name: str, context: Context, items: AsyncIterator[Any]) -> None:
-        # One publish runs at a time, in the background. Items yielded meanwhile collect in
-        # a batch of at most ASYNC_BATCH, which becomes the next publish: a generator that
-        # yields without waiting fills whole batches, and a paced one has each item sent
-        # at once because the previous publish has finished.
-        batch: list[Envelope] = []
-        publishing: asyncio.Task[None] | None = None
+        publisher = BatchPublisher(self.broker, name, ASYNC_BATCH)
         try:
             async for item in items:
-                batch.append(self._route(name, context, item))
-                if publishing is not None and not publishing.done() and len(batch) < ASYNC_BATCH:
-                    continue
-                if publishing is not None:
-                    await publishing
-                publishing = asyncio.create_task(self.broker.publish(batch), name=f"flowrun-publish-{name}")
-                batch = []
+                await publisher.add(self._route(name, context, item))
         except asyncio.CancelledError:
-            await cancel_and_wait(publishing)
+            await publisher.cancel()
             raise
         except Exception:
             # Items yielded before a failing one are published, as they would be one by one.
-            await self._finish_publishing(publishing, batch)
+            await publisher.flush()
             raise
-        await self._finish_publishing(publishing, batch)
-
-    async def _finish_publishing(self, publishing: asyncio.Task[None] | None, batch: list[Envelope]) -> None:
-        if publishing is not None:
-            await publishing
-        if batch:
-            await self.broker.publish(batch)
+        await publisher.flush()
 
     async def _publish_sync_items(self, name: str, context: Context, invoker: Invoker, items: Iterator[Any]) -> None:
         # Sync iterators may block (files, network), so chunks of items are read on a thread

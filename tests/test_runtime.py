@@ -861,6 +861,46 @@ async def test_push_respects_max_in_flight(folder):
     assert counts_of(report, "billing")["acked"] == 30
 
 
+async def test_async_producer_items_are_not_held_back_while_it_waits(folder):
+    # The producer yields three items without waiting, then waits until the handler has
+    # seen all three. An item kept in a batch until the next yield would never arrive.
+    plugins = folder.plugin("gate", """
+        import asyncio
+
+        seen = []
+        all_seen = asyncio.Event()
+
+        async def produce(context):
+            for number in range(3):
+                yield number
+            await asyncio.wait_for(all_seen.wait(), 10)
+            yield 3
+
+        async def handle(message, context):
+            seen.append(message.payload)
+            if len(seen) == 3:
+                all_seen.set()
+    """)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {plugins}:produce
+            publishes: [Orders]
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {plugins}:handle
+    """)
+
+    result = await run_until_drained(folder)
+
+    assert result.failures == []
+    assert module(plugins).seen == [0, 1, 2, 3]
+    assert counts_of(result.report, "billing")["acked"] == 4
+
+
 async def test_push_window_stays_within_the_ack_timeout_for_slow_handlers(folder):
     # 20 messages of 100 ms each take 2 s in all, twice the ack timeout. Fetching the
     # default max_in_flight (100) at once would let the later ones wait out their lease

@@ -1,0 +1,74 @@
+"""Publishing of an async producer's items in batches, without holding any item back.
+
+One publish runs at a time, in a background task. Items that arrive while it runs form
+the next batch, which the same task publishes as soon as the previous one is stored. A
+generator that yields without waiting therefore fills whole batches, and an item of a
+paced generator is published at once, because nothing else is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from flowrun.broker import Broker
+from flowrun.message import Envelope
+from flowrun.tasks import cancel_and_wait
+
+logger = logging.getLogger(__name__)
+
+
+class BatchPublisher:
+    """Publishes envelopes in order through one background task, at most `limit` waiting."""
+
+    def __init__(self, broker: Broker, name: str, limit: int) -> None:
+        self._broker = broker
+        self._name = name
+        self._limit = limit
+        self._waiting: list[Envelope] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def add(self, envelope: Envelope) -> None:
+        """Queue `envelope`; wait while `limit` envelopes already wait (backpressure).
+
+        Raises the error of an earlier batch that failed to publish.
+        """
+        self._check_task()
+        self._waiting.append(envelope)
+        if self._task is None:
+            self._task = asyncio.create_task(self._publish_waiting(), name=f"flowrun-publish-{self._name}")
+        elif len(self._waiting) >= self._limit:
+            await asyncio.wait({self._task})
+            self._check_task()
+
+    async def flush(self) -> None:
+        """Wait until every queued envelope is stored; raise the error of a failed batch."""
+        if self._task is not None:
+            await asyncio.wait({self._task})
+        self._check_task()
+
+    async def cancel(self) -> None:
+        """Stop publishing; envelopes not yet stored are dropped (they were never accepted)."""
+        await cancel_and_wait(self._task)
+        self._task = None
+        self._waiting = []
+
+    async def _publish_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            await self._broker.publish(batch)
+
+    def _check_task(self) -> None:
+        """Forget a finished publish task; raise its error if it failed."""
+        task = self._task
+        if task is None or not task.done():
+            return
+        self._task = None
+        error = task.exception()
+        if error is None:
+            return
+        if self._waiting:
+            logger.warning("producer '%s': %d messages after a failed publish were not published",
+                           self._name, len(self._waiting))
+            self._waiting = []
+        raise error
