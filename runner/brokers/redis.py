@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -298,10 +299,14 @@ return accepted
 """
 
 # Settles deliveries. ARGV[7]: dead-letter topic, ARGV[8]: how many subscriptions it has,
-# then their names, then per delivery: action (ack, retry, dead, drop), t|r, entry id,
-# message id, has key (1/0), key, delay ms, field count, fields. A retry's fields are the
-# record to requeue, a dead letter's the entry for the dead-letter topic.
-# Returns 1 per delivery that was still pending (and is now settled), 0 per stale one.
+# then their names, then the plain acks as one string of `t|r:entry-id` words separated
+# by spaces (acks that free no key of an ordered subscription), then per other delivery:
+# action (ack, retry, dead, drop), t|r, entry id, message id, has key (1/0), key, delay
+# ms, field count, fields. A retry's fields are the record to requeue, a dead letter's
+# the entry for the dead-letter topic. Plain acks travel as one argument because client
+# libraries encode each argument separately, which cost more than the acks themselves.
+# Returns 1 per delivery that was still pending (and is now settled), 0 per stale one,
+# the plain acks first.
 _LUA_SETTLE = r"""
 local dead_stream, archive = KEYS[6], KEYS[7]
 local dead_topic, dead_count = ARGV[7], tonumber(ARGV[8])
@@ -320,8 +325,18 @@ local function dead_letter(fields, message_id)
   count('dead_lettered', 1)
 end
 
-local results, now = {}, nil
-local i = 9 + dead_count
+-- Sizes and acks are counted once per call.
+local results, now, settled, acked = {}, nil, 0, 0
+for kind, entry_id in string.gmatch(ARGV[9 + dead_count], '([tr]):(%S+)') do
+  local held = redis.call('XACK', stream_of(kind), subscription, entry_id) == 1
+  results[#results + 1] = held and 1 or 0
+  if held then
+    settled = settled + 1
+    acked = acked + 1
+  end
+end
+
+local i = 10 + dead_count
 while i <= #ARGV do
   local action, stream, entry_id, message_id = ARGV[i], stream_of(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
   local message_key = ARGV[i + 4] == '1' and ARGV[i + 5]
@@ -343,9 +358,9 @@ while i <= #ARGV do
       redis.call('ZADD', delayed, now + delay, record)
     end
   elseif held then
-    count('size', -1)
+    settled = settled + 1
     if action == 'ack' then
-      count('acked', 1)
+      acked = acked + 1
     elseif action == 'drop' then
       count('dropped', 1)
     else
@@ -354,36 +369,51 @@ while i <= #ARGV do
     release_key(message_key, message_id)
   end
 end
+count('size', -settled)
+count('acked', acked)
 return results
 """
 
 # Publishes envelopes of one topic in order, stopping at the first full subscription.
-# KEYS: counters, topic stream, then one dedup key per envelope. ARGV: topic, dedup window
-# ms, max length (0: none), subscription count, per subscription (name, max_pending), then
-# per envelope (id, body, has key, key, headers, published_at, dedupe). Only envelopes whose
-# publisher chose the id (dedupe = 1) are checked against and recorded in dedup keys.
+# KEYS: counters, topic stream, then one dedup key per envelope whose publisher chose its
+# id. ARGV: topic, dedup window ms, max length (0: none), subscription count, per
+# subscription (name, max_pending), then per envelope (id, body, has key, key, headers,
+# published_at, dedup key index). The index points into KEYS, and 0 means the envelope
+# is not checked against or recorded in dedup keys.
 # Returns {envelopes handled} or, at a full subscription, {handled, name, size}.
 _LUA_PUBLISH = r"""
 local counters, stream = KEYS[1], KEYS[2]
 local topic, window, max_length = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local subscriptions, names, limits = tonumber(ARGV[4]), {}, {}
+local subscriptions, names, limits, sizes = tonumber(ARGV[4]), {}, {}, {}
 for s = 1, subscriptions do
   names[s] = 'subscription:' .. ARGV[3 + 2 * s] .. ':size'
   limits[s] = tonumber(ARGV[4 + 2 * s])
+  sizes[s] = tonumber(redis.call('HGET', counters, names[s]) or '0')
+end
+
+-- Counters change once per call, by the number of envelopes stored.
+local stored, published = 0, 0
+local function write_counts()
+  if stored > 0 then
+    for s = 1, subscriptions do redis.call('HINCRBY', counters, names[s], stored) end
+  end
+  if published > 0 then redis.call('HINCRBY', counters, 'topic:' .. topic .. ':published', published) end
 end
 
 local first = 5 + 2 * subscriptions
 local envelopes = (#ARGV - first + 1) / 7
 for e = 1, envelopes do
   local a = first + (e - 1) * 7
-  local dedup = KEYS[2 + e]
-  local dedupe = ARGV[a + 6] == '1'
-  if not dedupe or redis.call('EXISTS', dedup) == 0 then
+  local dedup_index = tonumber(ARGV[a + 6])
+  local dedup = dedup_index > 0 and KEYS[dedup_index]
+  if not dedup or redis.call('EXISTS', dedup) == 0 then
     for s = 1, subscriptions do
-      local size = tonumber(redis.call('HGET', counters, names[s]) or '0')
-      if size >= limits[s] then return {e - 1, ARGV[3 + 2 * s], size} end
+      if sizes[s] >= limits[s] then
+        write_counts()
+        return {e - 1, ARGV[3 + 2 * s], sizes[s]}
+      end
     end
-    if dedupe then redis.call('SET', dedup, '1', 'PX', window) end
+    if dedup then redis.call('SET', dedup, '1', 'PX', window) end
     if subscriptions > 0 then
       local fields = {'id', ARGV[a], 'body', ARGV[a + 1], 'headers', ARGV[a + 4], 'published_at', ARGV[a + 5]}
       if ARGV[a + 2] == '1' then
@@ -395,11 +425,13 @@ for e = 1, envelopes do
       else
         redis.call('XADD', stream, '*', unpack(fields))
       end
-      for s = 1, subscriptions do redis.call('HINCRBY', counters, names[s], 1) end
+      for s = 1, subscriptions do sizes[s] = sizes[s] + 1 end
+      stored = stored + 1
     end
-    redis.call('HINCRBY', counters, 'topic:' .. topic .. ':published', 1)
+    published = published + 1
   end
 end
+write_counts()
 return {envelopes}
 """
 
@@ -810,13 +842,17 @@ class RedisBroker(Broker):
     def _publish_script(self, topic: str, subscriptions: list[SubscriptionConfig],
                         envelopes: list[Envelope]) -> Awaitable[Any]:
         keys = [self._names.counters, self._names.topic(topic)]
-        keys += [self._names.dedup(envelope.id) for envelope in envelopes]
         args: list[Any] = [topic, int(self.dedup_window * 1000), self.max_length or 0, len(subscriptions)]
         for config in subscriptions:
             args += [config.name, config.max_pending]
         for envelope in envelopes:
+            dedup_index = 0
+            if envelope.dedupe:
+                keys.append(self._names.dedup(envelope.id))
+                dedup_index = len(keys)
+            headers = json.dumps(envelope.headers) if envelope.headers else "{}"
             args += [envelope.id, envelope.body, int(envelope.key is not None), envelope.key or "",
-                     json.dumps(envelope.headers), repr(envelope.published_at), int(envelope.dedupe)]
+                     headers, repr(envelope.published_at), dedup_index]
         return self._scripts["publish"](keys=keys, args=args)
 
     # Fetching
@@ -925,7 +961,7 @@ class RedisBroker(Broker):
         topic = fields.get(b"topic")
         envelope = Envelope(
             fields[b"id"].decode(), config.topic if topic is None else topic.decode(), fields[b"body"],
-            None if key is None else key.decode(), json.loads(fields[b"headers"]), float(fields[b"published_at"]),
+            None if key is None else key.decode(), _headers_of(fields[b"headers"]), float(fields[b"published_at"]),
         )
         deliveries = int(fields.get(b"deliveries", b"0"))
         first = float(fields.get(b"first_delivered_at", b"0")) or first_delivered_at or self.clock.wall()
@@ -1019,9 +1055,14 @@ class RedisBroker(Broker):
         """Apply settlements in one script, then forget the leases, also those the server had expired."""
         if not settlements:
             return
+        plain = [item for item in settlements if self._is_plain_ack(config, item)]
+        others = [item for item in settlements if not self._is_plain_ack(config, item)]
+        settlements = plain + others
+
         dead_subscriptions = [sub.name for sub in self._by_topic.get(config.dead_letter or "", [])]
         args: list[Any] = [config.dead_letter or "", len(dead_subscriptions), *dead_subscriptions]
-        for settlement in settlements:
+        args.append(" ".join(f"{item.delivery.tag.stream}:{item.delivery.tag.entry_id}" for item in plain))
+        for settlement in others:
             tag: _Tag = settlement.delivery.tag
             envelope = settlement.delivery.envelope
             args += [settlement.action, tag.stream, tag.entry_id, envelope.id, int(envelope.key is not None),
@@ -1036,6 +1077,11 @@ class RedisBroker(Broker):
             self._forget(config.name, settlement.delivery.tag)
         self._room.set()
         self._request_trim(config)
+
+    @staticmethod
+    def _is_plain_ack(config: SubscriptionConfig, settlement: _Settlement) -> bool:
+        """Return whether the ack frees no key of an ordered subscription, so its entry id is enough."""
+        return settlement.action == "ack" and (not config.ordered or settlement.delivery.envelope.key is None)
 
     def _log_settlement(self, config: SubscriptionConfig, settlement: _Settlement) -> None:
         delivery = settlement.delivery
@@ -1361,6 +1407,10 @@ def _keepalive_options() -> dict[int, int]:
 
 def _milliseconds(seconds: float) -> int:
     return math.ceil(seconds * 1000)
+
+
+def _headers_of(text: bytes) -> dict[str, str]:
+    return orjson.loads(text) if text != b"{}" else {}
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
