@@ -63,6 +63,17 @@ def workers_ready(database: Path) -> int:
             return 0
 
 
+def wait_for_workers(database: Path, workers: list[subprocess.Popen[str]], timeout: float) -> None:
+    """Wait until every worker finished setup; fail at once, with its output, if one exited."""
+    wait_until(lambda: workers_ready(database) == len(workers) or any(w.poll() is not None for w in workers),
+               timeout)
+    for worker in workers:
+        if worker.poll() is not None:
+            _, error_output = worker.communicate()
+            raise AssertionError(f"a worker exited with status {worker.returncode} before it was ready:\n"
+                                 f"{error_output[-3000:]}")
+
+
 def wait_until(condition: Callable[[], bool], timeout: float) -> None:
     """Check `condition` every 20 ms until it holds; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -95,11 +106,10 @@ def numbers(context):
 
 class Recorder:
     def setup(self, context):
+        # The test created the file and its tables: two workers switching a new file to WAL
+        # at the same moment can fail with "database is locked".
         self.connection = sqlite3.connect(context.resolve_path(context.options["database"]), timeout=30,
                                           isolation_level=None, check_same_thread=False)
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        self.connection.execute("CREATE TABLE IF NOT EXISTS handled (message_id TEXT, pid INTEGER)")
-        self.connection.execute("CREATE TABLE IF NOT EXISTS workers (pid INTEGER)")
         self.connection.execute("INSERT INTO workers VALUES (?)", (os.getpid(),))
         self.pause = float(context.options.get("pause", 0))
 
@@ -117,6 +127,10 @@ def write_recording_flow(
     folder: Path, count: int, pause: float, ack_timeout: str = "2s", name: str = "recording"
 ) -> Path:
     (folder / "recording_plugin.py").write_text(RECORDING_PLUGIN, encoding="utf-8")
+    with sqlite3.connect(folder / "handled.db") as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("CREATE TABLE IF NOT EXISTS handled (message_id TEXT, pid INTEGER)")
+        connection.execute("CREATE TABLE IF NOT EXISTS workers (pid INTEGER)")
     flow = folder / "flow.yaml"
     flow.write_text(
         f"""

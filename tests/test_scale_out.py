@@ -28,8 +28,8 @@ from tests.processes import (
     handled_total,
     run_flowrun,
     start_flowrun,
+    wait_for_workers,
     wait_until,
-    workers_ready,
     write_recording_flow,
 )
 
@@ -86,7 +86,7 @@ def test_workers_split_the_work(tmp_path: Path, broker_url: str, workers: list) 
 
     # Workers first: they declare the subscription before the producer publishes.
     pair = start_workers(tmp_path, environment, 2, workers)
-    wait_until(lambda: workers_ready(tmp_path / "handled.db") == 2, timeout=180)
+    wait_for_workers(tmp_path / "handled.db", pair, timeout=180)
     producer = run_flowrun("up", "flow.yaml", "--only", "numbers", "--until-drained", cwd=tmp_path, env=environment)
     outputs = [worker.communicate(timeout=300) for worker in pair]
 
@@ -107,7 +107,7 @@ def test_killed_worker_loses_nothing(tmp_path: Path, broker_url: str, workers: l
     environment = {"FLOWRUN_BROKER_URL": broker_url}
 
     victim, survivor = start_workers(tmp_path, environment, 2, workers)
-    wait_until(lambda: workers_ready(tmp_path / "handled.db") == 2, timeout=180)
+    wait_for_workers(tmp_path / "handled.db", [victim, survivor], timeout=180)
     producer = run_flowrun("up", "flow.yaml", "--only", "numbers", "--until-drained", cwd=tmp_path, env=environment)
     wait_until(lambda: handled_total(tmp_path / "handled.db") >= MESSAGES // 4, timeout=120)
     victim.send_signal(signal.SIGKILL)

@@ -839,7 +839,7 @@ class NatsBroker(Broker):
         try:
             if state.explicit and leases:
                 with self._translated(f"ack on subscription '{subscription}'"):
-                    await self._settle([lease.reply for lease in leases], ACK)
+                    await self._ack_all([lease.reply for lease in leases])
         except BaseException:
             # The server redelivers what it did not record as acked; only the push cap is freed.
             for lease in leases:
@@ -892,6 +892,18 @@ class NatsBroker(Broker):
                 continue
             leases.append(lease)
         return leases
+
+    async def _ack_all(self, replies: Sequence[str]) -> None:
+        """Publish acks without a reply each, then wait for the server to have read them all.
+
+        A flush (PING, then the server's PONG) returns once the server processed every
+        earlier message of this connection, so one round trip covers the whole batch.
+        Acks sent as requests cost a reply subscription and a reply per ack.
+        """
+        client = self._connected
+        for reply in replies:
+            await client.publish(reply, ACK)
+        await client.flush(timeout=SETTLE_TIMEOUT_SECONDS)
 
     async def _settle(self, replies: Sequence[str], payload: bytes) -> None:
         """Send acks (or naks, terms) as requests, so they are applied when this returns."""
