@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("flowrun", "orjson", "redis", "faststream", "nats-py", "aio-pika", "persist-queue", "matplotlib")
+PACKAGES = ("flowrun", "orjson", "redis", "hiredis", "faststream", "nats-py", "aio-pika", "persist-queue", "matplotlib")
 
 
 def _cpu_model() -> str:
