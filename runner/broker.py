@@ -180,8 +180,8 @@ class Broker(abc.ABC):
     async def all_settled(self, subscriptions: Sequence[str]) -> bool:
         """Return whether these subscriptions have nothing pending, delayed or in flight.
 
-        Backends with a cheaper way to tell than `stats` override this; the runtime asks
-        it often while it waits for a flow to drain.
+        Backends with a cheaper way to tell than `stats` override this, because the
+        runtime calls it often while it waits for a flow to drain.
         """
         report = await self.stats()
         for name in subscriptions:

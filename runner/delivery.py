@@ -214,7 +214,7 @@ class SubscriptionWorker:
 
     async def _work(self) -> None:
         # A handler that does not suspend lets one worker run through every waiting
-        # delivery in one event-loop turn; the push window bounds how many that is.
+        # delivery in one event-loop turn. The push window bounds how many that is.
         ready = self._ready
         clock = self.broker.clock
         while True:

@@ -861,7 +861,7 @@ async def test_push_respects_max_in_flight(folder):
     assert counts_of(report, "billing")["acked"] == 30
 
 
-async def test_async_producer_items_are_not_held_back_while_it_waits(folder):
+async def test_async_items_sent_while_producer_waits(folder):
     # The producer yields three items without waiting, then waits until the handler has
     # seen all three. An item kept in a batch until the next yield would never arrive.
     plugins = folder.plugin("gate", """
@@ -901,10 +901,10 @@ async def test_async_producer_items_are_not_held_back_while_it_waits(folder):
     assert counts_of(result.report, "billing")["acked"] == 4
 
 
-async def test_push_window_stays_within_the_ack_timeout_for_slow_handlers(folder):
+async def test_push_window_shrinks_for_slow_handlers(folder):
     # 20 messages of 100 ms each take 2 s in all, twice the ack timeout. Fetching the
     # default max_in_flight (100) at once would let the later ones wait out their lease
-    # and be delivered again; the window must shrink to what 0.5 s of handling covers.
+    # and be delivered again. The window must shrink to what 0.5 s of handling covers.
     source = folder.plugin("source", NUMBERS_PRODUCER)
     slow = folder.plugin("slow", """
         import asyncio
@@ -938,7 +938,7 @@ async def test_push_window_stays_within_the_ack_timeout_for_slow_handlers(folder
     assert sorted(module(slow).seen) == list(range(20))
 
 
-async def test_push_window_grows_to_max_in_flight_for_fast_handlers(folder):
+async def test_push_window_grows_for_fast_handlers(folder):
     source = folder.plugin("source", NUMBERS_PRODUCER)
     counter = folder.plugin("counter", """
         waiting = []

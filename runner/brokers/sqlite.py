@@ -509,7 +509,7 @@ class _Store:
             connection.execute(f"DELETE FROM messages WHERE seq IN ({marks}) AND holders <= 0", chunk)
 
     def return_free_pages(self) -> None:
-        """Every VACUUM_EVERY removals, give free pages back so the file shrinks after a surge.
+        """Give free pages back every VACUUM_EVERY removals, so the file shrinks after a surge.
 
         Runs outside the group-commit transaction: `incremental_vacuum` frees one page per
         step, and only `executescript` steps it to the end (`execute` frees a single page).
