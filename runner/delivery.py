@@ -39,9 +39,12 @@ logger = logging.getLogger(__name__)
 TRACEBACK_CHARS = 4000
 # Deliveries waiting for a worker must be handled within this share of the ack timeout.
 WINDOW_SHARE_OF_ACK_TIMEOUT = 0.5
-# Weight of the newest timed handler call in the running mean, and how often a call is timed.
+# Weight of a handler call shorter than the running mean. A longer call replaces the mean
+# at once, so the window shrinks as soon as the handler slows down.
 DURATION_WEIGHT = 0.2
-WINDOW_SAMPLE_EVERY = 8
+# A delivery that waited for a worker is handled only if 1.25 x its wait plus the mean
+# handler duration stays within the ack timeout.
+WAIT_SAFETY_FACTOR = 1.25
 # Errors for which another delivery cannot help: they go straight to the dead-letter topic.
 TERMINAL_ERRORS: tuple[type[BaseException], ...] = (HopLimitError, PayloadError, UndeclaredTopicError)
 
@@ -140,8 +143,9 @@ class SubscriptionWorker:
         self.active = 0
         self.handled = 0
         self.failed = 0
-        # Fetched deliveries waiting for a worker; workers sleep on `_has_work` when it is empty.
-        self._ready: deque[Delivery] = deque()
+        # Fetched deliveries waiting for a worker, each with the monotonic time it arrived.
+        # Workers sleep on `_has_work` when it is empty.
+        self._ready: deque[tuple[Delivery, float]] = deque()
         self._has_work = asyncio.Event()
         self._mean_duration: float | None = None
         self._settled_locally = asyncio.Event()
@@ -164,7 +168,8 @@ class SubscriptionWorker:
         ]
         if self.spec.mode is DeliveryMode.PUSH:
             self._consumer = self.broker.consume(self.name, self._enqueue, self.spec.effective_max_in_flight)
-            self._consumer.set_limit(2 * self.spec.concurrency)
+            # No delivery waits for a worker until the handler's speed is known.
+            self._consumer.set_limit(self.spec.concurrency)
         else:
             self._pull_task = asyncio.create_task(self._pull_loop(), name=f"flowrun-pull-{self.name}")
         logger.info("subscriber '%s' started on topic '%s' (%s, ack %s)", self.name, self.spec.topic,
@@ -199,7 +204,8 @@ class SubscriptionWorker:
 
         # Fetched but never started: hand them back at once instead of waiting for the ack timeout.
         while self._ready:
-            self.batcher.nack(Nack(self._ready.popleft().tag, delay=0.0))
+            delivery, _ = self._ready.popleft()
+            self.batcher.nack(Nack(delivery.tag, delay=0.0))
         return unfinished
 
     @property
@@ -209,7 +215,7 @@ class SubscriptionWorker:
     # Taking deliveries
 
     def _enqueue(self, delivery: Delivery) -> None:
-        self._ready.append(delivery)
+        self._ready.append((delivery, self.broker.clock.monotonic()))
         self._has_work.set()
 
     async def _work(self) -> None:
@@ -223,23 +229,47 @@ class SubscriptionWorker:
                 await self._has_work.wait()
                 continue
 
-            message = Message(ready.popleft(), self._on_settle)
-            # Every WINDOW_SAMPLE_EVERY-th call is timed, enough to follow the handler's speed.
-            timed = self._consumer is not None and (self.handled + self.failed) % WINDOW_SAMPLE_EVERY == 0
-            started = clock.monotonic() if timed else 0.0
-            self.active += 1
+            delivery, arrived = ready.popleft()
+            started = clock.monotonic()
             try:
-                error = await self._invoke(message)
+                if self._lease_ran_out(delivery, started - arrived):
+                    continue
+                message = Message(delivery, self._on_settle)
+                self.active += 1
+                try:
+                    error = await self._invoke(message)
+                finally:
+                    self.active -= 1
+                if self._consumer is not None:
+                    self._resize_window(clock.monotonic() - started)
+                self._conclude(message, error)
             finally:
-                self.active -= 1
-            if timed:
-                self._resize_window(clock.monotonic() - started)
+                if self._pull_task is not None:
+                    self._pulled -= 1
+                    self._capacity.set()
+                self._settled_locally.set()
 
-            self._conclude(message, error)
-            if self._pull_task is not None:
-                self._pulled -= 1
-                self._capacity.set()
-            self._settled_locally.set()
+    def _lease_ran_out(self, delivery: Delivery, waited: float) -> bool:
+        """Return whether the delivery cannot finish within its lease any more, and log it.
+
+        That is the case when its wait for a worker (with a safety factor, because the
+        wait is what this estimate cannot see coming) plus the handler's mean duration
+        passes the ack timeout. The broker delivers such a message again, or already did,
+        so handling this copy would handle the message twice. It is left unsettled.
+        """
+        if self.config.ack is AckPolicy.NONE or waited <= 0:
+            return False
+        expected = waited * WAIT_SAFETY_FACTOR + (self._mean_duration or 0.0)
+        if expected <= self.config.ack_timeout:
+            return False
+        self._errors.warning(
+            "lease ran out",
+            "message %s of '%s' waited %.2fs for a worker and cannot finish within its ack timeout of %gs, "
+            "so it is not handled here and the broker delivers it again; a handler that slowed down "
+            "causes this, and a lower max_in_flight or a longer ack_timeout avoids it",
+            delivery.envelope.id, self.name, waited, self.config.ack_timeout,
+        )
+        return True
 
     async def _pull_loop(self) -> None:
         # Fetched messages wait for a free worker, so a batch larger than the concurrency
@@ -329,12 +359,15 @@ class SubscriptionWorker:
         """Fit the push window to the handler's speed, so no fetched delivery waits out its lease.
 
         The broker's ack timeout runs from the fetch, also while a delivery waits here for a
-        worker. The window starts at 2 x concurrency and grows up to max_in_flight as long as
+        worker. The window starts at the concurrency and grows up to max_in_flight as long as
         a full window is handled within half the ack timeout.
         """
         assert self._consumer is not None
         mean = self._mean_duration
-        mean = duration if mean is None else mean + DURATION_WEIGHT * (duration - mean)
+        if mean is None or duration > mean:
+            mean = duration
+        else:
+            mean += DURATION_WEIGHT * (duration - mean)
         self._mean_duration = mean
 
         budget = self.config.ack_timeout * WINDOW_SHARE_OF_ACK_TIMEOUT * self.spec.concurrency
