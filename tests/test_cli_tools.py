@@ -827,3 +827,22 @@ def test_memory_backend_not_inspectable(tmp_path: Path, command: list[str]) -> N
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == MEMORY_MESSAGE
+
+
+# Broker URLs
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("redis://127.0.0.1:abc/0", "could not be cast to integer"),
+    ("amqp://guest:secret@127.0.0.1:99999/", "out of range"),
+])
+def test_up_rejects_invalid_broker_port(tmp_path: Path, url: str, reason: str) -> None:
+    write_flow(tmp_path, f"name: ports\nbroker:\n  backend: {url.split(':')[0].replace('amqp', 'rabbitmq')}\n"
+                         f"  url: {url}\ntopics:\n  Work:\n")
+
+    result = run_flowrun("up", "flow.yaml", "--until-drained", cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert "invalid port in the broker URL" in result.stderr
+    assert reason in result.stderr
+    assert "secret" not in result.stderr + result.stdout

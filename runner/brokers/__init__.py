@@ -79,13 +79,14 @@ def redact_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         password = parts.password
+        port = parts.port
     except ValueError:
         return _CREDENTIALS.sub(r"\g<user>:***@", url)
     if password is None:
         return _CREDENTIALS.sub(r"\g<user>:***@", url)
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    if port is not None:
+        host = f"{host}:{port}"
     user = parts.username or ""
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
 
@@ -97,6 +98,8 @@ def create_broker(spec: BrokerSpec, flow_path: Path, flow_name: str, clock: Cloc
         raise FlowrunError(f"unknown broker backend '{spec.backend}'; available: {', '.join(BACKENDS)}")
     if spec.backend in NETWORK_BACKENDS and not spec.url:
         raise FlowrunError(f"the {spec.backend} backend needs broker.url in the flow or {BROKER_URL_VARIABLE}")
+    if spec.url:
+        _check_port(spec.url)
 
     module_name, class_name = BACKEND_CLASSES[spec.backend]
     try:
@@ -106,12 +109,25 @@ def create_broker(spec: BrokerSpec, flow_path: Path, flow_name: str, clock: Cloc
             raise FlowrunError(f"the {spec.backend} backend is not part of this flowrun installation") from None
         raise FlowrunError(
             f"the {spec.backend} backend needs the package '{error.name}'; install it with "
-            f"pip install 'flowrun[{spec.backend}]'"
+            f"pip install 'flowrun[{spec.backend}]' (in a clone of the repository: "
+            f"pip install -e '.[{spec.backend}]')"
         ) from None
 
     options = BACKEND_OPTIONS[spec.backend].model_validate(spec.options)
     broker: Broker = getattr(module, class_name).from_spec(spec, options, flow_path, flow_name, clock)
     return broker
+
+
+def _check_port(url: str) -> None:
+    """Raise FlowrunError when the URL's port is not a number or out of range."""
+    try:
+        urlsplit(url).port
+    except ValueError as error:
+        source = BROKER_URL_VARIABLE if os.environ.get(BROKER_URL_VARIABLE, "").strip() else "broker.url of the flow"
+        raise FlowrunError(
+            f"invalid port in the broker URL {redact_url(url)} ({source}): {error}; "
+            "write the port as a number from 1 to 65535, for example redis://127.0.0.1:6379/0"
+        ) from None
 
 
 def sqlite_path(spec: BrokerSpec, flow_path: Path, flow_name: str) -> Path:
