@@ -47,9 +47,18 @@ class BatchPublisher:
             await asyncio.wait({self._task})
         self._check_task()
 
-    async def cancel(self) -> None:
-        """Stop publishing; envelopes not yet stored are dropped (they were never accepted)."""
-        await cancel_and_wait(self._task)
+    async def close(self, timeout: float) -> None:
+        """Publish what waits within `timeout` seconds, then stop; log what was dropped."""
+        task = self._task
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout)
+        if task is not None and not task.done():
+            logger.warning("producer '%s' stopped with %d messages not published: the broker did not take "
+                           "them within %gs", self._name, len(self._waiting), timeout)
+        elif task is not None and not task.cancelled() and task.exception() is not None:
+            logger.warning("producer '%s' stopped with %d messages not published: %s", self._name,
+                           len(self._waiting), task.exception())
+        await cancel_and_wait(task)
         self._task = None
         self._waiting = []
 

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import inspect
 import logging
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +24,12 @@ from flowrun.outgoing import Outgoing
 from flowrun.plugins import Handler, Invoker, Producer, resolve
 from flowrun.schemas import SchemaError, TopicSchema, load_topic_schema
 from flowrun.publisher import BatchPublisher
+from flowrun.pump import SyncPump
 
 logger = logging.getLogger(__name__)
 
+# Most items of a sync producer waiting to reach the event loop.
 SYNC_ITERATOR_CHUNK = 256
-# A chunk is published after this long even if it is not full, so slow sources are not held back.
-SYNC_CHUNK_SECONDS = 0.05
 # Most items of an async producer waiting while the previous batch is being published.
 ASYNC_BATCH = 256
 DRAIN_CHECK_SECONDS = 0.02
@@ -255,7 +254,9 @@ class FlowRuntime:
             async for item in items:
                 await publisher.add(self._route(name, context, item))
         except asyncio.CancelledError:
-            await publisher.cancel()
+            # Items already yielded are published before the producer stops, unless the
+            # broker cannot take them within shutdown_timeout.
+            await publisher.close(self.flow.spec.shutdown_timeout)
             raise
         except Exception:
             # Items yielded before a failing one are published, as they would be one by one.
@@ -264,22 +265,15 @@ class FlowRuntime:
         await publisher.flush()
 
     async def _publish_sync_items(self, name: str, context: Context, invoker: Invoker, items: Iterator[Any]) -> None:
-        # Sync iterators may block (files, network), so chunks of items are read on a thread
-        # and each chunk is published as one batch.
-        while True:
-            chunk, error, ended = await invoker.call(_take, items, SYNC_ITERATOR_CHUNK)
-            envelopes = []
-            try:
-                for item in chunk:
-                    envelopes.append(self._route(name, context, item))
-            finally:
-                # Items before an invalid one are published, as they would be one by one.
-                if envelopes:
-                    await self.broker.publish(envelopes)
-            if error is not None:
-                raise error
-            if ended:
-                return
+        # Sync iterators may block (files, network), so they are read on the producer's
+        # thread, and each item reaches the event loop as soon as it is yielded.
+        pump = SyncPump(items, asyncio.get_running_loop(), SYNC_ITERATOR_CHUNK)
+        reading = asyncio.ensure_future(invoker.call(pump.run))
+        try:
+            await self._publish_async_items(name, context, aiter(pump))
+        finally:
+            pump.stop()
+        await reading
 
     @property
     def producers_done(self) -> bool:
@@ -358,24 +352,6 @@ class FlowRuntime:
                 logger.error("close() of producer '%s' failed: %s", name, error)
             finally:
                 invoker.shutdown()
-
-
-def _take(items: Iterator[Any], count: int) -> tuple[list[Any], BaseException | None, bool]:
-    """Read up to `count` items, or fewer once SYNC_CHUNK_SECONDS passed.
-
-    Returns the items, the exception the iterator raised (if any) and whether it ended, so
-    items read before a failure or a slow item are still published, and published soon.
-    """
-    chunk: list[Any] = []
-    started = time.monotonic()
-    try:
-        for item in items:
-            chunk.append(item)
-            if len(chunk) >= count or time.monotonic() - started >= SYNC_CHUNK_SECONDS:
-                return chunk, None, False
-    except Exception as error:  # noqa: BLE001 - raised again after the chunk is published
-        return chunk, error, True
-    return chunk, None, True
 
 
 def _with_location(build: Any, location: Any) -> Any:

@@ -901,6 +901,47 @@ async def test_async_items_sent_while_producer_waits(folder):
     assert counts_of(result.report, "billing")["acked"] == 4
 
 
+async def test_sync_items_sent_while_producer_blocks(folder):
+    # A sync generator yields three items, then blocks its thread until the handler has
+    # seen all three. Items held back until the next one would never arrive.
+    plugins = folder.plugin("blocking", """
+        import threading
+
+        seen = []
+        all_seen = threading.Event()
+
+        def produce(context):
+            for number in range(3):
+                yield number
+            if not all_seen.wait(10):
+                raise RuntimeError("the first three items were not handled within 10 s")
+            yield 3
+
+        async def handle(message, context):
+            seen.append(message.payload)
+            if len(seen) == 3:
+                all_seen.set()
+    """)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {plugins}:produce
+            publishes: [Orders]
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {plugins}:handle
+    """)
+
+    result = await run_until_drained(folder)
+
+    assert result.failures == []
+    assert module(plugins).seen == [0, 1, 2, 3]
+    assert counts_of(result.report, "billing")["acked"] == 4
+
+
 async def test_push_window_shrinks_for_slow_handlers(folder):
     # 20 messages of 100 ms each take 2 s in all, twice the ack timeout. Fetching the
     # default max_in_flight (100) at once would let the later ones wait out their lease
@@ -936,6 +977,79 @@ async def test_push_window_shrinks_for_slow_handlers(folder):
     assert counts_of(report, "billing")["redelivered"] == 0
     assert counts_of(report, "billing")["acked"] == 20
     assert sorted(module(slow).seen) == list(range(20))
+
+
+async def test_push_window_starts_at_concurrency(folder):
+    # Each call takes 0.6 s of a 1 s ack timeout. A second fetched message waiting
+    # behind the first would finish at 1.2 s, past its lease, and be delivered again.
+    source = folder.plugin("source", NUMBERS_PRODUCER)
+    slow = folder.plugin("slow", """
+        import time
+
+        def handle(message, context):
+            time.sleep(0.6)
+    """)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {source}:numbers
+            publishes: [Orders]
+            with:
+              count: 4
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {slow}:handle
+            ack_timeout: 1s
+    """)
+
+    report = (await run_until_drained(folder)).report
+
+    assert counts_of(report, "billing")["redelivered"] == 0
+    assert counts_of(report, "billing")["acked"] == 4
+
+
+async def test_handler_slowdown_handles_nothing_twice(folder):
+    # The first 10 calls are fast, so the window opens wide and the 20 slow ones are
+    # fetched at once. Those that wait past the 0.5 s ack timeout must not be handled:
+    # the broker delivers them again, and every message is handled exactly once.
+    source = folder.plugin("source", NUMBERS_PRODUCER)
+    slowing = folder.plugin("slowing", """
+        import asyncio
+
+        handled = []
+
+        async def handle(message, context):
+            if message.payload >= 10:
+                await asyncio.sleep(0.1)
+            handled.append(message.payload)
+    """)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {source}:numbers
+            publishes: [Orders]
+            with:
+              count: 30
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {slowing}:handle
+            ack_timeout: 500ms
+            retry:
+              initial: 10ms
+              max: 10ms
+    """)
+
+    report = (await run_until_drained(folder)).report
+
+    assert sorted(module(slowing).handled) == list(range(30))
+    assert counts_of(report, "billing")["acked"] == 30
+    assert counts_of(report, "billing")["dead_lettered"] == 0
 
 
 async def test_push_window_grows_for_fast_handlers(folder):
