@@ -343,15 +343,16 @@ class _Store:
     def _expire_leases(self, config: SubscriptionConfig, now: float) -> list[_Tag]:
         """Return expired leases of this subscription to the queue (or give them up)."""
         rows = self._db.execute(
-            "SELECT seq, lease FROM deliveries WHERE subscription = ? AND leased = 1 AND visible_at <= ?",
+            "SELECT d.seq, d.lease, m.id FROM deliveries d JOIN messages m ON m.seq = d.seq "
+            "WHERE d.subscription = ? AND d.leased = 1 AND d.visible_at <= ?",
             (config.name, now),
         ).fetchall()
         expired = []
-        for seq, lease in rows:
+        for seq, lease, message_id in rows:
             tag = _Tag(seq, lease)
             error = ErrorInfo.timeout(config.ack_timeout)
-            logger.warning("message seq %d of subscription '%s' was not acked within %gs; delivering it again",
-                           seq, config.name, config.ack_timeout)
+            logger.warning("message %s of subscription '%s' was not acked within %gs; delivering it again",
+                           message_id, config.name, config.ack_timeout)
             self._settle_failure(config, tag, None, error, terminal=False)
             expired.append(tag)
         return expired
@@ -363,13 +364,14 @@ class _Store:
         expired = []
         for tag in tags:
             row = self._db.execute(
-                "SELECT visible_at FROM deliveries WHERE subscription = ? AND seq = ? AND leased = 1 AND lease = ?",
+                "SELECT d.visible_at, m.id FROM deliveries d JOIN messages m ON m.seq = d.seq "
+                "WHERE d.subscription = ? AND d.seq = ? AND d.leased = 1 AND d.lease = ?",
                 (subscription, tag.seq, tag.lease),
             ).fetchone()
             if row is None or row[0] > now:
                 continue
-            logger.warning("message seq %d of subscription '%s' was not acked within %gs; delivering it again",
-                           tag.seq, subscription, config.ack_timeout)
+            logger.warning("message %s of subscription '%s' was not acked within %gs; delivering it again",
+                           row[1], subscription, config.ack_timeout)
             self._settle_failure(config, tag, None, ErrorInfo.timeout(config.ack_timeout), terminal=False)
             expired.append(tag)
         return expired
