@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import traceback
 from collections import deque
@@ -148,6 +149,8 @@ class SubscriptionWorker:
         self._ready: deque[tuple[Delivery, float]] = deque()
         self._has_work = asyncio.Event()
         self._mean_duration: float | None = None
+        # A delivery that waited longer than this for a worker may not finish within its lease.
+        self._safe_wait = config.ack_timeout / WAIT_SAFETY_FACTOR if config.ack is not AckPolicy.NONE else math.inf
         self._settled_locally = asyncio.Event()
         self._pulled = 0
         self._capacity = asyncio.Event()
@@ -232,7 +235,7 @@ class SubscriptionWorker:
             delivery, arrived = ready.popleft()
             started = clock.monotonic()
             try:
-                if self._lease_ran_out(delivery, started - arrived):
+                if started - arrived > self._safe_wait and self._lease_ran_out(delivery, started - arrived):
                     continue
                 message = Message(delivery, self._on_settle)
                 self.active += 1
@@ -369,10 +372,14 @@ class SubscriptionWorker:
         else:
             mean += DURATION_WEIGHT * (duration - mean)
         self._mean_duration = mean
+        if self.config.ack is not AckPolicy.NONE:
+            self._safe_wait = max(self.config.ack_timeout - mean, 0.0) / WAIT_SAFETY_FACTOR
 
         budget = self.config.ack_timeout * WINDOW_SHARE_OF_ACK_TIMEOUT * self.spec.concurrency
         fits = int(budget / mean) if mean > 0 else self.spec.effective_max_in_flight
-        self._consumer.set_limit(max(fits, self.spec.concurrency))
+        limit = min(max(fits, self.spec.concurrency), self._consumer.max_in_flight)
+        if limit != self._consumer.limit:
+            self._consumer.set_limit(limit)
 
     def _apply_policy(self, message: Message, error: BaseException | None) -> None:
         if error is not None:
