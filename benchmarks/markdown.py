@@ -113,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m benchmarks.markdown MAIN_JSON [SCALING_JSON]", file=sys.stderr)
         return 2
     for path in paths:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            print(f"error: cannot read {path} as the JSON of python -m benchmarks.run --json: {error}",
+                  file=sys.stderr)
+            return 1
         print(scaling_tables(data) if "subscribers" in data else main_tables(data))
         print()
     return 0
