@@ -269,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if arguments.from_json is not None:
-        replay_json(arguments, console)
+        try:
+            replay_json(arguments, console)
+        except (OSError, ValueError, KeyError) as error:
+            console.print(f"error: cannot replay {arguments.from_json}: {type(error).__name__}: {error}; "
+                          "pass a file written by python -m benchmarks.run --json")
+            return 1
         return 0
 
     if arguments.scaling:
