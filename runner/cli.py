@@ -279,7 +279,7 @@ def _check_report_path(report: Path | None) -> None:
 
 def _print_error(text: str) -> None:
     """Print an error line without rich markup, since it may quote user text with brackets."""
-    stderr.print(f"[red]error:[/red] ", end="")
+    stderr.print("[red]error:[/red] ", end="")
     stderr.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
