@@ -55,6 +55,8 @@ app = typer.Typer(
 stdout = Console() if sys.stdout.isatty() else Console(width=160)
 stderr = Console(stderr=True)
 PROGRESS_SECONDS = 0.5
+# Exit status after a second interrupt: 128 + SIGINT, as shells report it.
+EXIT_INTERRUPTED = 130
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="Log level: debug, info, warning or error.")]
 
@@ -334,8 +336,13 @@ async def _run(flow: Any, until_drained: bool, only: set[str] | None, show_progr
 
 def _request_stop(runtime: FlowRuntime) -> None:
     if runtime.stop_requested.is_set():
-        return
-    stderr.print("stopping: letting in-flight messages finish", highlight=False)
+        # A second signal: the user does not want to wait for running handlers.
+        stderr.print("stopping now: messages not yet acked are delivered again after their ack timeout",
+                     highlight=False, soft_wrap=True)
+        os._exit(EXIT_INTERRUPTED)
+    stderr.print(f"stopping: letting in-flight messages finish (up to shutdown_timeout "
+                 f"{runtime.flow.spec.shutdown_timeout:g}s; press Ctrl-C again to stop at once)",
+                 highlight=False, soft_wrap=True)
     runtime.stop_requested.set()
 
 

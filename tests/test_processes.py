@@ -97,3 +97,36 @@ def test_two_workers_share_the_work(tmp_path: Path) -> None:
 
     final = run_flowrun("status", "flow.yaml", "--json", cwd=tmp_path)
     assert final.returncode == 0, final.stderr
+
+
+def test_second_interrupt_stops_at_once(tmp_path: Path) -> None:
+    # The handler sleeps 60 s, longer than the shutdown timeout; a first SIGINT waits for
+    # it, a second one ends the process at once.
+    (tmp_path / "sleepy.py").write_text(
+        "import time\n\n"
+        "def numbers(context):\n    yield from range(3)\n\n"
+        "def handle(message, context):\n    time.sleep(60)\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "flow.yaml").write_text(
+        "name: sleepy\nshutdown_timeout: 50s\ntopics:\n  Work:\n"
+        "producers:\n  numbers:\n    plugin: sleepy:numbers\n    publishes: [Work]\n"
+        "subscribers:\n  work:\n    topic: Work\n    plugin: sleepy:handle\n",
+        encoding="utf-8",
+    )
+    process = start_flowrun("up", "flow.yaml", cwd=tmp_path)
+    try:
+        wait_until(lambda: (tmp_path / ".flowrun" / "sleepy.db").exists(), timeout=60)
+        time.sleep(2)
+        process.send_signal(signal.SIGINT)
+        time.sleep(1)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, error_output = process.communicate(timeout=30)
+    finally:
+        process.kill()
+
+    assert process.returncode == 130
+    assert time.monotonic() - started < 20
+    assert "press Ctrl-C again" in error_output
+    assert "stopping now" in error_output
