@@ -317,8 +317,8 @@ class FetchConsumer:
         if self._task is None:
             return
         # TODO: a cancel that lands while the broker runs the fetch (a SQLite job, a Redis
-        # script, a NATS pull) leases messages nobody receives; they wait out their ack
-        # timeout before another delivery. Let the running fetch finish and hand them back.
+        # script, a NATS pull) leases messages that no handler receives, so they wait out
+        # their ack timeout before the next delivery. Let the fetch finish and hand them back.
         self._task.cancel()
         try:
             await self._task

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import traceback
 from collections import deque
 from collections.abc import Awaitable
@@ -44,7 +43,8 @@ WINDOW_SHARE_OF_ACK_TIMEOUT = 0.5
 # at once, so the window shrinks as soon as the handler slows down.
 DURATION_WEIGHT = 0.2
 # A delivery that waited for a worker is handled only if 1.25 x its wait plus the mean
-# handler duration stays within the ack timeout.
+# handler duration stays within the ack timeout. The factor covers waits that the mean
+# does not predict.
 WAIT_SAFETY_FACTOR = 1.25
 # Errors for which another delivery cannot help: they go straight to the dead-letter topic.
 TERMINAL_ERRORS: tuple[type[BaseException], ...] = (HopLimitError, PayloadError, UndeclaredTopicError)
@@ -149,7 +149,8 @@ class SubscriptionWorker:
         self._ready: deque[tuple[Delivery, float]] = deque()
         self._has_work = asyncio.Event()
         self._mean_duration: float | None = None
-        # A delivery that waited longer than this for a worker may not finish within its lease.
+        # Maximum wait for a worker after which a delivery still finishes within its lease:
+        # WAIT_SAFETY_FACTOR x wait + mean handler duration <= ack timeout. `ack: none` has no lease.
         self._safe_wait = config.ack_timeout / WAIT_SAFETY_FACTOR if config.ack is not AckPolicy.NONE else math.inf
         self._settled_locally = asyncio.Event()
         self._pulled = 0
@@ -160,7 +161,6 @@ class SubscriptionWorker:
         self._failures = FetchFailures()
         self._errors = RepeatLimiter(logger, broker.clock)
         self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
 
     # Lifecycle
 
@@ -235,7 +235,8 @@ class SubscriptionWorker:
             delivery, arrived = ready.popleft()
             started = clock.monotonic()
             try:
-                if started - arrived > self._safe_wait and self._lease_ran_out(delivery, started - arrived):
+                if started - arrived > self._safe_wait:
+                    self._log_lease_ran_out(delivery, started - arrived)
                     continue
                 message = Message(delivery, self._on_settle)
                 self.active += 1
@@ -252,19 +253,12 @@ class SubscriptionWorker:
                     self._capacity.set()
                 self._settled_locally.set()
 
-    def _lease_ran_out(self, delivery: Delivery, waited: float) -> bool:
-        """Return whether the delivery cannot finish within its lease any more, and log it.
+    def _log_lease_ran_out(self, delivery: Delivery, waited: float) -> None:
+        """Log a delivery that waited past `_safe_wait` and so is skipped.
 
-        That is the case when its wait for a worker (with a safety factor, because the
-        wait is what this estimate cannot see coming) plus the handler's mean duration
-        passes the ack timeout. The broker delivers such a message again, or already did,
-        so handling this copy would handle the message twice. It is left unsettled.
+        The broker delivers such a message again, or already did, so handling this copy
+        would handle the message twice. It is left unsettled.
         """
-        if self.config.ack is AckPolicy.NONE or waited <= 0:
-            return False
-        expected = waited * WAIT_SAFETY_FACTOR + (self._mean_duration or 0.0)
-        if expected <= self.config.ack_timeout:
-            return False
         self._errors.warning(
             "lease ran out",
             "message %s of '%s' waited %.2fs for a worker and cannot finish within its ack timeout of %gs, "
@@ -272,7 +266,6 @@ class SubscriptionWorker:
             "causes this, and a lower max_in_flight or a longer ack_timeout avoids it",
             delivery.envelope.id, self.name, waited, self.config.ack_timeout,
         )
-        return True
 
     async def _pull_loop(self) -> None:
         # Fetched messages wait for a free worker, so a batch larger than the concurrency
@@ -409,10 +402,7 @@ class SubscriptionWorker:
     def _on_settle(self, message: Message, outcome: Outcome) -> None:
         tag = message.delivery.tag
         if outcome.acked:
-            if threading.get_ident() == self._loop_thread:
-                self.batcher.ack(tag)
-            else:
-                self._loop.call_soon_threadsafe(self.batcher.ack, tag)
+            loop_call(self._loop, lambda: self.batcher.ack(tag))
             return
 
         info = describe_error(outcome.error) if outcome.error is not None else None

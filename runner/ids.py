@@ -3,8 +3,8 @@
 An id is a random 64-bit prefix chosen once per process followed by a 64-bit counter.
 `uuid.uuid4()` reads the system's random source for every id and costs about 1.8
 microseconds on the benchmark machine, a large share of the work per message on the
-in-process broker. This costs about 0.25 microseconds. A forked child draws a new prefix, so parent and child never
-share ids.
+in-process broker. This costs about 0.25 microseconds. A forked child draws a new
+prefix, so parent and child never share ids.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ from flowrun.pump import SyncPump
 
 logger = logging.getLogger(__name__)
 
-# Most items of a sync producer waiting to reach the event loop.
+# Max items of a sync producer waiting to reach the event loop.
 SYNC_ITERATOR_CHUNK = 256
-# Most items of an async producer waiting while the previous batch is being published.
+# Max items of a producer waiting while the previous batch is being published.
 ASYNC_BATCH = 256
 DRAIN_CHECK_SECONDS = 0.02
 

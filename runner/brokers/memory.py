@@ -122,7 +122,7 @@ class MemoryBroker(Broker):
                 done += fitting
                 continue
             # The next envelope does not fit (or its topic is unknown): wait for room or raise.
-            await self._publish_one(envelopes[done], bounded=True)
+            await self._publish_one(envelopes[done])
             done += 1
 
     def _count_fitting(self, envelopes: Sequence[Envelope], start: int) -> int:
@@ -147,7 +147,7 @@ class MemoryBroker(Broker):
         touched: dict[int, _Queue] = {}
         published = self.counters.published
         for envelope in envelopes:
-            for queue in self._by_topic[envelope.topic]:
+            for queue in self._by_topic.get(envelope.topic, ()):
                 queue.ready.append(_Entry(envelope))
                 touched[id(queue)] = queue
             published[envelope.topic] += 1
@@ -155,19 +155,13 @@ class MemoryBroker(Broker):
             queue.update_room()
             queue.not_empty.set()
 
-    async def _publish_one(self, envelope: Envelope, bounded: bool) -> None:
+    async def _publish_one(self, envelope: Envelope) -> None:
         queues = self._by_topic.get(envelope.topic)
         if queues is None:
             raise BrokerError(f"topic '{envelope.topic}' is not declared on the broker")
 
-        if bounded:
-            await self._wait_for_room(envelope.topic, queues)
-
-        for queue in queues:
-            queue.ready.append(_Entry(envelope))
-            queue.update_room()
-            queue.not_empty.set()
-        self.counters.published[envelope.topic] += 1
+        await self._wait_for_room(envelope.topic, queues)
+        self._store([envelope])
 
     async def _wait_for_room(self, topic: str, queues: list[_Queue]) -> None:
         while True:
@@ -318,14 +312,7 @@ class MemoryBroker(Broker):
         )
         # Dead letters skip the max_pending bound: blocking here could stall every
         # subscription behind a full dead-letter queue.
-        self._publish_unbounded(envelope)
-
-    def _publish_unbounded(self, envelope: Envelope) -> None:
-        for queue in self._by_topic.get(envelope.topic, []):
-            queue.ready.append(_Entry(envelope))
-            queue.update_room()
-            queue.not_empty.set()
-        self.counters.published[envelope.topic] += 1
+        self._store([envelope])
 
     def _requeue(self, queue: _Queue, entry: _Entry) -> None:
         """Put a message to be retried at the front: it is older than everything waiting."""

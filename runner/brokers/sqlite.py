@@ -485,11 +485,11 @@ class _Store:
             marks = ",".join("?" * len(chunk))
             # Primary-key lookups by seq, then the lease compared here: faster than matching
             # (seq, lease) pairs in SQL.
-            held = dict(self._db.execute(
+            leases_by_seq = dict(self._db.execute(
                 f"SELECT seq, lease FROM deliveries WHERE subscription = ? AND leased = 1 AND seq IN ({marks})",
                 [subscription, *(tag.seq for tag in chunk)],
             ).fetchall())
-            still_held = [tag.seq for tag in chunk if held.get(tag.seq) == tag.lease]
+            still_held = [tag.seq for tag in chunk if leases_by_seq.get(tag.seq) == tag.lease]
             if still_held:
                 marks = ",".join("?" * len(still_held))
                 self._db.execute(f"DELETE FROM deliveries WHERE subscription = ? AND seq IN ({marks})",
