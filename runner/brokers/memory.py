@@ -13,13 +13,13 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
 from flowrun.broker import Broker, ErrorInfo, Nack, SubscriptionConfig, Topology, dead_letter_headers
 from flowrun.clock import SYSTEM_CLOCK, Clock
-from flowrun.counters import Counters, Gauges, SubscriptionCounters
+from flowrun.counters import Counters, Gauges
 from flowrun.errors import BrokerError, QueueFullError
 from flowrun.ids import new_id
 from flowrun.message import Delivery, Envelope
@@ -31,18 +31,24 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class _Entry:
-    envelope: Envelope
-    delivery_count: int = 0
-    first_delivered_at: float = 0.0
+class _InFlight(Delivery):
+    """A delivery as handed out, with what the broker needs to settle, expire or retry it.
+
+    A message to be delivered again waits as its last delivery, which carries the delivery
+    count and the error that the next delivery or the dead letter reports.
+    """
+
+    _: KW_ONLY
+    deadline: float | None
     last_error: ErrorInfo | None = None
 
 
-@dataclass(slots=True)
-class _InFlight:
-    entry: _Entry
-    delivery: Delivery
-    deadline: float | None
+# Item of a ready queue: a message never delivered, or the last delivery of one to retry.
+_Waiting = Envelope | _InFlight
+
+
+def _envelope_of(item: _Waiting) -> Envelope:
+    return item if isinstance(item, Envelope) else item.envelope
 
 
 class _Queue:
@@ -50,7 +56,7 @@ class _Queue:
 
     def __init__(self, config: SubscriptionConfig) -> None:
         self.config = config
-        self.ready: deque[_Entry] = deque()
+        self.ready: deque[_Waiting] = deque()
         self.delayed = 0
         self.in_flight: dict[int, _InFlight] = {}
         # Ordered subscriptions: keys with a message in flight or waiting for a retry.
@@ -80,7 +86,7 @@ class MemoryBroker(Broker):
         self.counters = Counters()
         self._queues: dict[str, _Queue] = {}
         self._by_topic: dict[str, list[_Queue]] = {}
-        self._timers: list[tuple[float, int, str, int, _Entry | None]] = []
+        self._timers: list[tuple[float, int, str, int, _InFlight | None]] = []
         self._sequence = itertools.count()
         self._tags = itertools.count(1)
         self._timer_changed = asyncio.Event()
@@ -148,7 +154,7 @@ class MemoryBroker(Broker):
         published = self.counters.published
         for envelope in envelopes:
             for queue in self._by_topic.get(envelope.topic, ()):
-                queue.ready.append(_Entry(envelope))
+                queue.ready.append(envelope)
                 touched[id(queue)] = queue
             published[envelope.topic] += 1
         for queue in touched.values():
@@ -186,9 +192,7 @@ class MemoryBroker(Broker):
         while True:
             entries = self._take(queue, max_messages)
             if entries:
-                now = self.clock.monotonic()
-                counters = self.counters.subscriptions[subscription]
-                return [self._deliver(queue, entry, now, counters) for entry in entries]
+                return self._deliver(queue, entries)
 
             remaining = deadline - self.clock.monotonic()
             if self._closed or remaining <= 0:
@@ -196,16 +200,16 @@ class MemoryBroker(Broker):
             queue.not_empty.clear()
             await self.clock.wait(queue.not_empty, remaining)
 
-    def _take(self, queue: _Queue, max_messages: int) -> list[_Entry]:
+    def _take(self, queue: _Queue, max_messages: int) -> list[_Waiting]:
         if not queue.config.ordered:
             return [queue.ready.popleft() for _ in range(min(max_messages, len(queue.ready)))]
 
         # Skip messages whose key is busy; they keep their place at the front.
-        taken: list[_Entry] = []
-        skipped: list[_Entry] = []
+        taken: list[_Waiting] = []
+        skipped: list[_Waiting] = []
         while queue.ready and len(taken) < max_messages:
             entry = queue.ready.popleft()
-            key = entry.envelope.key
+            key = _envelope_of(entry).key
             if key is not None and key in queue.busy_keys:
                 skipped.append(entry)
                 continue
@@ -215,27 +219,36 @@ class MemoryBroker(Broker):
         queue.ready.extendleft(reversed(skipped))
         return taken
 
-    def _deliver(self, queue: _Queue, entry: _Entry, now: float, counters: SubscriptionCounters) -> Delivery:
-        entry.delivery_count += 1
-        if entry.delivery_count == 1:
-            entry.first_delivered_at = self.clock.wall()
-
-        tag = next(self._tags)
-        delivery = Delivery(entry.envelope, queue.config.name, entry.delivery_count, tag, entry.first_delivered_at)
-
+    def _deliver(self, queue: _Queue, entries: list[_Waiting]) -> list[Delivery]:
+        config = queue.config
         # Under ack: none the message leaves the queue on delivery: it is never redelivered,
         # so it gets no deadline, and its settlement only decides how it is counted.
-        deadline = None if queue.config.ack is AckPolicy.NONE else now + queue.config.ack_timeout
+        deadline = None if config.ack is AckPolicy.NONE else self.clock.monotonic() + config.ack_timeout
         if deadline is not None and not queue.in_flight:
             # The timer task looks only at the oldest delivery of each queue; a new oldest
             # one may be due before the timer's next wake.
             self._timer_changed.set()
-        queue.in_flight[tag] = _InFlight(entry, delivery, deadline)
 
-        counters.delivered += 1
-        if entry.delivery_count > 1:
-            counters.redelivered += 1
-        return delivery
+        wall = self.clock.wall()
+        in_flight = queue.in_flight
+        tags = self._tags
+        deliveries: list[Delivery] = []
+        redelivered = 0
+        for entry in entries:
+            tag = next(tags)
+            if isinstance(entry, Envelope):
+                flight = _InFlight(entry, config.name, 1, tag, wall, deadline=deadline)
+            else:
+                redelivered += 1
+                flight = _InFlight(entry.envelope, config.name, entry.delivery_count + 1, tag,
+                                   entry.first_delivered_at, deadline=deadline, last_error=entry.last_error)
+            in_flight[tag] = flight
+            deliveries.append(flight)
+
+        counters = self.counters.subscriptions[config.name]
+        counters.delivered += len(entries)
+        counters.redelivered += redelivered
+        return deliveries
 
     # Settling
 
@@ -250,7 +263,7 @@ class MemoryBroker(Broker):
                 continue
             acked += 1
             if queue.config.ordered:
-                self._free_key(queue, flight.entry)
+                self._free_key(queue, flight)
         self.counters.subscriptions[subscription].acked += acked
         self._released_all(subscription, tags)
         queue.update_room()
@@ -262,7 +275,7 @@ class MemoryBroker(Broker):
             if flight is None:
                 logger.debug("ignored nack of unknown or expired delivery %s on '%s'", nack.tag, subscription)
                 continue
-            flight.entry.last_error = nack.error
+            flight.last_error = nack.error
             self._released(subscription, nack.tag)
             self._retry_or_give_up(queue, flight, nack.delay, nack.terminal, nack.dead_letter)
         queue.update_room()
@@ -271,57 +284,56 @@ class MemoryBroker(Broker):
         self, queue: _Queue, flight: _InFlight, delay: float | None, terminal: bool, dead_letter: bool = True
     ) -> None:
         config = queue.config
-        entry = flight.entry
-        exhausted = entry.delivery_count >= config.max_deliveries
+        exhausted = flight.delivery_count >= config.max_deliveries
 
         if terminal or exhausted or config.ack is AckPolicy.NONE:
-            self._free_key(queue, entry)
+            self._free_key(queue, flight)
             self._give_up(queue, flight, dead_letter)
             return
 
-        wait = config.backoff(entry.delivery_count) if delay is None else max(delay, 0.0)
+        wait = config.backoff(flight.delivery_count) if delay is None else max(delay, 0.0)
         if wait <= 0:
-            self._requeue(queue, entry)
+            self._requeue(queue, flight)
             return
 
         queue.delayed += 1
-        self._schedule(self.clock.monotonic() + wait, config.name, 0, entry)
+        self._schedule(self.clock.monotonic() + wait, config.name, 0, flight)
 
     def _give_up(self, queue: _Queue, flight: _InFlight, dead_letter: bool) -> None:
         config = queue.config
         counters = self.counters.subscriptions[config.name]
-        error = flight.entry.last_error
+        error = flight.last_error
 
         if config.dead_letter is None or config.ack is AckPolicy.NONE or not dead_letter:
             counters.dropped += 1
             logger.warning(
                 "dropped message %s of subscription '%s' at delivery %d: %s",
-                flight.delivery.envelope.id, config.name, flight.entry.delivery_count,
+                flight.envelope.id, config.name, flight.delivery_count,
                 error.message if error else "no error recorded",
             )
             return
 
-        headers = dead_letter_headers(flight.delivery, config, error, self.clock.wall())
-        envelope = Envelope(new_id(), config.dead_letter, flight.entry.envelope.body,
-                            flight.entry.envelope.key, headers, self.clock.wall())
+        headers = dead_letter_headers(flight, config, error, self.clock.wall())
+        envelope = Envelope(new_id(), config.dead_letter, flight.envelope.body,
+                            flight.envelope.key, headers, self.clock.wall())
         counters.dead_lettered += 1
         logger.error(
             "dead-lettered message %s of subscription '%s' to '%s' at delivery %d: %s",
             envelope.headers["flowrun.original_id"], config.name, config.dead_letter,
-            flight.entry.delivery_count, headers["flowrun.error"],
+            flight.delivery_count, headers["flowrun.error"],
         )
         # Dead letters skip the max_pending bound: blocking here could stall every
         # subscription behind a full dead-letter queue.
         self._store([envelope])
 
-    def _requeue(self, queue: _Queue, entry: _Entry) -> None:
+    def _requeue(self, queue: _Queue, entry: _InFlight) -> None:
         """Put a message to be retried at the front: it is older than everything waiting."""
         if entry.envelope.key is not None:
             queue.busy_keys.pop(entry.envelope.key, None)
         queue.ready.appendleft(entry)
         queue.not_empty.set()
 
-    def _free_key(self, queue: _Queue, entry: _Entry) -> None:
+    def _free_key(self, queue: _Queue, entry: _InFlight) -> None:
         if queue.config.ordered and entry.envelope.key is not None:
             queue.busy_keys.pop(entry.envelope.key, None)
             if queue.ready:
@@ -329,7 +341,7 @@ class MemoryBroker(Broker):
 
     # Timers
 
-    def _schedule(self, due: float, subscription: str, tag: int, entry: _Entry | None) -> None:
+    def _schedule(self, due: float, subscription: str, tag: int, entry: _InFlight | None) -> None:
         earliest = self._timers[0][0] if self._timers else None
         heapq.heappush(self._timers, (due, next(self._sequence), subscription, tag, entry))
         if earliest is None or due < earliest:
@@ -358,7 +370,7 @@ class MemoryBroker(Broker):
 
             await self.clock.wait(self._timer_changed, None if due is None else max(due - now, 0.0))
 
-    def _retry_now(self, queue: _Queue, entry: _Entry) -> None:
+    def _retry_now(self, queue: _Queue, entry: _InFlight) -> None:
         queue.delayed -= 1
         self._requeue(queue, entry)
 
@@ -380,9 +392,9 @@ class MemoryBroker(Broker):
             return
         logger.warning(
             "message %s of subscription '%s' was not acked within %gs (delivery %d); delivering it again",
-            flight.delivery.envelope.id, subscription, queue.config.ack_timeout, flight.entry.delivery_count,
+            flight.envelope.id, subscription, queue.config.ack_timeout, flight.delivery_count,
         )
-        flight.entry.last_error = ErrorInfo.timeout(queue.config.ack_timeout)
+        flight.last_error = ErrorInfo.timeout(queue.config.ack_timeout)
         self._released(subscription, tag)
         self._retry_or_give_up(queue, flight, None, False)
         queue.update_room()
@@ -401,7 +413,7 @@ class MemoryBroker(Broker):
         oldest = None
         if queue.ready:
             # Retries go back to the front, so the front is at most a little younger than the oldest.
-            oldest = max(self.clock.wall() - queue.ready[0].envelope.published_at, 0.0)
+            oldest = max(self.clock.wall() - _envelope_of(queue.ready[0]).published_at, 0.0)
         return Gauges(len(queue.in_flight), len(queue.ready) + queue.delayed, queue.delayed, oldest)
 
     def _queue(self, subscription: str) -> _Queue:
