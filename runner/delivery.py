@@ -20,7 +20,6 @@ import logging
 import math
 import traceback
 from collections import deque
-from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import ValidationError
@@ -73,7 +72,8 @@ class SettleBatcher:
 
     def ack(self, tag: Any) -> None:
         self._acks.append(tag)
-        self._schedule()
+        if not self._scheduled:
+            self._schedule()
 
     def nack(self, nack: Nack) -> None:
         self._nacks.append(nack)
@@ -149,10 +149,17 @@ class SubscriptionWorker:
         self._ready: deque[tuple[Delivery, float]] = deque()
         self._has_work = asyncio.Event()
         self._mean_duration: float | None = None
+        # Whether the push window is at max_in_flight, where a faster handler changes nothing.
+        self._window_at_max = False
+        self._auto_ack = spec.ack is not AckPolicy.EXPLICIT
+        # An async handler without a timeout or an input model is awaited directly.
+        self._direct = handler.is_async and spec.handler_timeout is None and handler.input_model is None
         # Maximum wait for a worker after which a delivery still finishes within its lease:
         # WAIT_SAFETY_FACTOR x wait + mean handler duration <= ack timeout. `ack: none` has no lease.
         self._safe_wait = config.ack_timeout / WAIT_SAFETY_FACTOR if config.ack is not AckPolicy.NONE else math.inf
+        # Set after each handled delivery while `finish` waits for the last ones.
         self._settled_locally = asyncio.Event()
+        self._finishing = False
         self._pulled = 0
         self._capacity = asyncio.Event()
         self._consumer: FetchConsumer | None = None
@@ -192,6 +199,7 @@ class SubscriptionWorker:
     async def finish(self, timeout: float) -> int:
         """Let queued and running deliveries finish within `timeout`; return how many did not."""
         deadline = self.broker.clock.monotonic() + timeout
+        self._finishing = True
         while self._ready or self.active:
             remaining = deadline - self.broker.clock.monotonic()
             if remaining <= 0:
@@ -218,8 +226,11 @@ class SubscriptionWorker:
     # Taking deliveries
 
     def _enqueue(self, delivery: Delivery) -> None:
+        # Workers clear `_has_work` only when `_ready` is empty, so it is set already unless
+        # this is the first delivery waiting.
+        if not self._ready:
+            self._has_work.set()
         self._ready.append((delivery, self.broker.clock.monotonic()))
-        self._has_work.set()
 
     async def _work(self) -> None:
         # A handler that does not suspend lets one worker run through every waiting
@@ -246,12 +257,18 @@ class SubscriptionWorker:
                     self.active -= 1
                 if self._consumer is not None:
                     self._resize_window(clock.monotonic() - started)
-                self._conclude(message, error)
+                if error is None:
+                    self.handled += 1
+                    if self._auto_ack and message.claim(ACKED):
+                        self.batcher.ack(delivery.tag)
+                else:
+                    self._conclude(message, error)
             finally:
                 if self._pull_task is not None:
                     self._pulled -= 1
                     self._capacity.set()
-                self._settled_locally.set()
+                if self._finishing:
+                    self._settled_locally.set()
 
     def _log_lease_ran_out(self, delivery: Delivery, waited: float) -> None:
         """Log a delivery that waited past `_safe_wait` and so is skipped.
@@ -300,10 +317,16 @@ class SubscriptionWorker:
 
     async def _invoke(self, message: Message) -> BaseException | None:
         """Call the handler; return the error it raised, or that one of its publishes raised."""
-        call = HandlerCall(_hops_of(message.headers))
+        headers = message.delivery.envelope.headers
+        call = HandlerCall(_hops_of(headers) if headers else 0)
         token = current_call.set(call)
         try:
-            await self._start_handler(message)
+            if not self._direct:
+                await self._call_handler(self._argument(message))
+            elif self.handler.takes_context:
+                await self.handler.function(message, self.context)
+            else:
+                await self.handler.function(message)
             error: BaseException | None = None
         except Exception as raised:  # noqa: BLE001 - every handler error is settled, not raised
             error = raised
@@ -316,16 +339,6 @@ class SubscriptionWorker:
                 if isinstance(outcome, BaseException) and error is None:
                     error = outcome
         return error
-
-    def _start_handler(self, message: Message) -> Awaitable[Any]:
-        """Return the awaitable of one handler call (a plain async handler's own coroutine)."""
-        argument = self._argument(message)
-        handler = self.handler
-        if self.spec.handler_timeout is None and handler.is_async:
-            if handler.takes_context:
-                return handler.function(argument, self.context)
-            return handler.function(argument)
-        return self._call_handler(argument)
 
     async def _call_handler(self, argument: Any) -> None:
         timeout = self.spec.handler_timeout
@@ -360,11 +373,15 @@ class SubscriptionWorker:
         """
         assert self._consumer is not None
         mean = self._mean_duration
-        if mean is None or duration > mean:
-            mean = duration
-        else:
+        if mean is not None and duration <= mean:
             mean += DURATION_WEIGHT * (duration - mean)
-        self._mean_duration = mean
+            self._mean_duration = mean
+            if self._window_at_max:
+                # A shorter mean only lengthens the safe wait, so the last one is kept (a little stricter).
+                return
+        else:
+            mean = duration
+            self._mean_duration = mean
         if self.config.ack is not AckPolicy.NONE:
             self._safe_wait = max(self.config.ack_timeout - mean, 0.0) / WAIT_SAFETY_FACTOR
 
@@ -373,6 +390,7 @@ class SubscriptionWorker:
         limit = min(max(fits, self.spec.concurrency), self._consumer.max_in_flight)
         if limit != self._consumer.limit:
             self._consumer.set_limit(limit)
+        self._window_at_max = limit == self._consumer.max_in_flight
 
     def _apply_policy(self, message: Message, error: BaseException | None) -> None:
         if error is not None:
@@ -416,7 +434,7 @@ class SubscriptionWorker:
 
 
 def _hops_of(headers: dict[str, str]) -> int:
-    hops = headers.get(HOPS_HEADER) if headers else None
+    hops = headers.get(HOPS_HEADER)
     if hops is None:
         return 0
     try:
