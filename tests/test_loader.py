@@ -569,7 +569,7 @@ def test_subscriber_defaults(tmp_path: Path) -> None:
     assert billing.dead_letter is None
     assert billing.concurrency == 1
     assert billing.max_in_flight is None
-    assert billing.effective_max_in_flight == 100
+    assert billing.effective_max_in_flight == 1000
     assert billing.batch_size == 10
     assert billing.max_wait == 1.0
     assert billing.handler_timeout is None

@@ -944,7 +944,7 @@ async def test_sync_items_sent_while_producer_blocks(folder):
 
 async def test_push_window_shrinks_for_slow_handlers(folder):
     # 20 messages of 100 ms each take 2 s in all, twice the ack timeout. Fetching the
-    # default max_in_flight (100) at once would let the later ones wait out their lease
+    # default max_in_flight (1,000) at once would let the later ones wait out their lease
     # and be delivered again. The window must shrink to what 0.5 s of handling covers.
     source = folder.plugin("source", NUMBERS_PRODUCER)
     slow = folder.plugin("slow", """
