@@ -28,18 +28,18 @@ class BatchPublisher:
         self._waiting: list[Envelope] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def add(self, envelope: Envelope) -> None:
-        """Queue `envelope`; wait while `limit` envelopes already wait (backpressure).
+    def put(self, envelope: Envelope) -> bool:
+        """Queue `envelope`; return True when `limit` envelopes wait, so the caller must `flush`.
 
+        Not a coroutine, because it runs once per produced item and rarely has to wait.
         Raises the error of an earlier batch that failed to publish.
         """
         self._check_task()
         self._waiting.append(envelope)
         if self._task is None:
             self._task = asyncio.create_task(self._publish_waiting(), name=f"flowrun-publish-{self._name}")
-        elif len(self._waiting) >= self._limit:
-            await asyncio.wait({self._task})
-            self._check_task()
+            return False
+        return len(self._waiting) >= self._limit
 
     async def flush(self) -> None:
         """Wait until every queued envelope is stored; raise the error of a failed batch."""

@@ -261,7 +261,9 @@ class FlowRuntime:
         publisher = BatchPublisher(self.broker, name, ASYNC_BATCH)
         try:
             async for item in items:
-                await publisher.add(self._route(name, context, item))
+                if publisher.put(self._route(name, context, item)):
+                    # Backpressure: wait until the waiting items are stored.
+                    await publisher.flush()
         except asyncio.CancelledError:
             # Items already yielded are published before the producer stops, unless the
             # broker cannot take them within shutdown_timeout.
