@@ -66,12 +66,13 @@ import logging
 import math
 import os
 import socket
+import struct
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import urlsplit
 
 import orjson
@@ -113,6 +114,9 @@ TIMER_SLACK = 1024
 STALE_CONSUMER_MS = 3_600_000
 TOPIC_STREAM = "t"
 RETRY_STREAM = "r"
+# Head of a packed envelope in the publish script's argument: flags (1: has a key, 2: has
+# a dedup key), then the byte lengths of id, body, key, headers and published_at.
+_ENVELOPE_HEAD = struct.Struct("<BIIIII")
 
 # Helpers shared by the scripts.
 _LUA_HELPERS = r"""
@@ -138,10 +142,19 @@ local counters, topic_stream, retry_stream, delayed, owners = KEYS[1], KEYS[2], 
 local subscription, consumer, prefix, topic = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ordered, ack_none = ARGV[5] == '1', ARGV[6] == '1'
 
+-- Counter changes add up here, and write_counts stores them once at the end of the call.
+local counts = {}
 local function count(name, amount)
-  if amount ~= 0 then
-    redis.call('HINCRBY', counters, 'subscription:' .. subscription .. ':' .. name, amount)
+  counts[name] = (counts[name] or 0) + amount
+end
+
+local function write_counts()
+  for name, amount in pairs(counts) do
+    if amount ~= 0 then
+      redis.call('HINCRBY', counters, 'subscription:' .. subscription .. ':' .. name, amount)
+    end
   end
+  counts = {}
 end
 
 local function stream_of(kind)
@@ -161,6 +174,22 @@ end
 local function record_name(stream, entry_id)
   if stream == topic_stream then return 't' .. entry_id end
   return 'r' .. entry_id
+end
+
+-- Where each stored field goes in a delivery row (see `row`).
+local ROW_SLOTS = {id = 3, body = 4, headers = 5, published_at = 6, key = 7, topic = 8, deliveries = 9,
+                   first_delivered_at = 10}
+
+-- An entry as the client reads it: kind (t|r), entry id, then id, body, headers,
+-- published_at, key, topic, deliveries and first_delivered_at, false where absent. A
+-- fixed order spares the client from building a dict per entry.
+local function row(kind, entry_id, fields)
+  local values = {kind, entry_id, false, false, false, false, false, false, false, false}
+  for i = 1, #fields, 2 do
+    local slot = ROW_SLOTS[fields[i]]
+    if slot then values[slot] = fields[i + 1] end
+  end
+  return values
 end
 
 -- Topic entries lack the fields of a redelivery, so add them before storing the entry as a record.
@@ -191,11 +220,12 @@ local function release_key(message_key, message_id)
 end
 
 -- Count a read entry as delivered, or park it while an earlier message of its key is
--- unsettled (ordered subscriptions). Returns whether the entry is delivered.
-local function accept(stream, entry_id, fields)
-  local message_key = field(fields, 'key')
+-- unsettled (ordered subscriptions). `values` is the entry's row. Returns whether the
+-- entry is delivered.
+local function accept(stream, entry_id, fields, values)
+  local message_key = values[7]
   if ordered and not ack_none and message_key then
-    local message_id = field(fields, 'id')
+    local message_id = values[3]
     local owner = redis.call('HGET', owners, message_key)
     if owner and owner ~= message_id then
       local record = record_name(stream, entry_id)
@@ -208,7 +238,7 @@ local function accept(stream, entry_id, fields)
   end
 
   count('delivered', 1)
-  if tonumber(field(fields, 'deliveries') or '0') > 0 then count('redelivered', 1) end
+  if tonumber(values[9] or '0') > 0 then count('redelivered', 1) end
   -- ack: none is at-most-once: the message leaves the subscription as it is delivered.
   if ack_none then
     redis.call('XACK', stream, subscription, entry_id)
@@ -222,6 +252,7 @@ end
 # ARGV[7] messages. ARGV[8]: ack timeout in ms; then pairs (t|r, entry id) of deliveries
 # of this consumer whose lease status the caller wants.
 # Returns {claimed, lost, delivered, ms until the next retry is due or -1, lease statuses}.
+# Claimed and delivered entries come as rows (see `row`).
 _LUA_FETCH = r"""
 local CLAIM_LIMIT, PROMOTE_LIMIT, SCAN_LIMIT = 100, 100, 1000
 local maximum, min_idle = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -230,7 +261,7 @@ local claimed, lost = {}, 0
 for _, kind in ipairs({'t', 'r'}) do
   local reply = redis.call('XAUTOCLAIM', stream_of(kind), subscription, consumer, min_idle, '0-0',
                            'COUNT', CLAIM_LIMIT)
-  for _, entry in ipairs(reply[2]) do claimed[#claimed + 1] = {kind, entry[1], entry[2]} end
+  for _, entry in ipairs(reply[2]) do claimed[#claimed + 1] = row(kind, entry[1], entry[2]) end
   -- Entries trimmed from the stream while pending: their content is gone.
   lost = lost + #reply[3]
 end
@@ -261,7 +292,8 @@ for _, kind in ipairs({'r', 't'}) do
     if not reply then break end
     for _, entry in ipairs(reply[1][2]) do
       scanned = scanned + 1
-      if accept(stream, entry[1], entry[2]) then delivered[#delivered + 1] = {kind, entry[1], entry[2]} end
+      local values = row(kind, entry[1], entry[2])
+      if accept(stream, entry[1], entry[2], values) then delivered[#delivered + 1] = values end
     end
   end
 end
@@ -279,22 +311,25 @@ for i = 9, #ARGV, 2 do
     statuses[#statuses + 1] = math.max(min_idle - pending[1][3], 0)
   end
 end
+write_counts()
 return {claimed, lost, delivered, next_due, statuses}
 """
 
 # Accepts entries that a blocking XREADGROUP returned: ARGV[7..] pairs (t|r, entry id).
-# Returns 1 per delivered entry and 0 per parked (or vanished) one.
+# Returns a row (see `row`) per delivered entry and 0 per parked (or vanished) one.
 _LUA_ACCEPT = r"""
 local accepted = {}
 for i = 7, #ARGV, 2 do
   local stream = stream_of(ARGV[i])
   local entries = redis.call('XRANGE', stream, ARGV[i + 1], ARGV[i + 1])
-  if #entries > 0 and accept(stream, ARGV[i + 1], entries[1][2]) then
-    accepted[#accepted + 1] = 1
+  local values = #entries > 0 and row(ARGV[i], ARGV[i + 1], entries[1][2])
+  if values and accept(stream, ARGV[i + 1], entries[1][2], values) then
+    accepted[#accepted + 1] = values
   else
     accepted[#accepted + 1] = 0
   end
 end
+write_counts()
 return accepted
 """
 
@@ -305,8 +340,8 @@ return accepted
 # ms, field count, fields. A retry's fields are the record to requeue, a dead letter's
 # the entry for the dead-letter topic. Plain acks travel as one argument because client
 # libraries encode each argument separately, which cost more than the acks themselves.
-# Returns 1 per delivery that was still pending (and is now settled), 0 per stale one,
-# the plain acks first.
+# Returns, per other delivery, 1 if it was still pending (and is now settled) and 0 if
+# it was stale. Plain acks get no result, because acking a stale delivery changes nothing.
 _LUA_SETTLE = r"""
 local dead_stream, archive = KEYS[6], KEYS[7]
 local dead_topic, dead_count = ARGV[7], tonumber(ARGV[8])
@@ -327,12 +362,17 @@ end
 
 -- Sizes and acks are counted once per call.
 local results, now, settled, acked = {}, nil, 0, 0
+-- Plain acks go in one XACK per stream, which returns how many were still pending. Ids
+-- go in chunks so that unpack stays within Lua's stack limit.
+local plain = {t = {}, r = {}}
 for kind, entry_id in string.gmatch(ARGV[9 + dead_count], '([tr]):(%S+)') do
-  local held = redis.call('XACK', stream_of(kind), subscription, entry_id) == 1
-  results[#results + 1] = held and 1 or 0
-  if held then
-    settled = settled + 1
-    acked = acked + 1
+  plain[kind][#plain[kind] + 1] = entry_id
+end
+for kind, ids in pairs(plain) do
+  for start = 1, #ids, 1000 do
+    local pending = redis.call('XACK', stream_of(kind), subscription, unpack(ids, start, math.min(start + 999, #ids)))
+    settled = settled + pending
+    acked = acked + pending
   end
 end
 
@@ -371,15 +411,17 @@ while i <= #ARGV do
 end
 count('size', -settled)
 count('acked', acked)
+write_counts()
 return results
 """
 
 # Publishes envelopes of one topic in order, stopping at the first full subscription.
 # KEYS: counters, topic stream, then one dedup key per envelope whose publisher chose its
-# id. ARGV: topic, dedup window ms, max length (0: none), subscription count, per
-# subscription (name, max_pending), then per envelope (id, body, has key, key, headers,
-# published_at, dedup key index). The index points into KEYS, and 0 means the envelope
-# is not checked against or recorded in dedup keys.
+# id, in envelope order. ARGV: topic, dedup window ms, max length (0: none), subscription
+# count, per subscription (name, max_pending), then every envelope packed into one string.
+# Each packed envelope (see _pack_envelope) is its flags (1: has a key, 2: has a dedup
+# key), the byte lengths of id, body, key, headers and published_at, then those values.
+# One argument for the batch saves the client encoding seven arguments per envelope.
 # Returns {envelopes handled} or, at a full subscription, {handled, name, size}.
 _LUA_PUBLISH = r"""
 local counters, stream = KEYS[1], KEYS[2]
@@ -400,12 +442,35 @@ local function write_counts()
   if published > 0 then redis.call('HINCRBY', counters, 'topic:' .. topic .. ':published', published) end
 end
 
-local first = 5 + 2 * subscriptions
-local envelopes = (#ARGV - first + 1) / 7
-for e = 1, envelopes do
-  local a = first + (e - 1) * 7
-  local dedup_index = tonumber(ARGV[a + 6])
-  local dedup = dedup_index > 0 and KEYS[dedup_index]
+-- Stores one envelope in the topic stream; key is false when the envelope has none.
+local NO_FIELDS = {}
+local function add(id, body, headers, published_at, key)
+  local key_fields = key and {'key', key} or NO_FIELDS
+  if max_length > 0 then
+    redis.call('XADD', stream, 'MAXLEN', '~', max_length, '*', 'id', id, 'body', body, 'headers', headers,
+               'published_at', published_at, unpack(key_fields))
+  else
+    redis.call('XADD', stream, '*', 'id', id, 'body', body, 'headers', headers, 'published_at', published_at,
+               unpack(key_fields))
+  end
+end
+
+local packed, sub = ARGV[5 + 2 * subscriptions], string.sub
+local pos, e, dedup_keys = 1, 0, 0
+while pos <= #packed do
+  e = e + 1
+  local flags, id_length, body_length, key_length, headers_length, at_length, start =
+    struct.unpack('<BI4I4I4I4I4', packed, pos)
+  local body_start = start + id_length
+  local key_start = body_start + body_length
+  local headers_start = key_start + key_length
+  local at_start = headers_start + headers_length
+  pos = at_start + at_length
+  local dedup = false
+  if flags >= 2 then
+    dedup_keys = dedup_keys + 1
+    dedup = KEYS[2 + dedup_keys]
+  end
   if not dedup or redis.call('EXISTS', dedup) == 0 then
     for s = 1, subscriptions do
       if sizes[s] >= limits[s] then
@@ -415,16 +480,9 @@ for e = 1, envelopes do
     end
     if dedup then redis.call('SET', dedup, '1', 'PX', window) end
     if subscriptions > 0 then
-      local fields = {'id', ARGV[a], 'body', ARGV[a + 1], 'headers', ARGV[a + 4], 'published_at', ARGV[a + 5]}
-      if ARGV[a + 2] == '1' then
-        fields[#fields + 1] = 'key'
-        fields[#fields + 1] = ARGV[a + 3]
-      end
-      if max_length > 0 then
-        redis.call('XADD', stream, 'MAXLEN', '~', max_length, '*', unpack(fields))
-      else
-        redis.call('XADD', stream, '*', unpack(fields))
-      end
+      add(sub(packed, start, body_start - 1), sub(packed, body_start, key_start - 1),
+          sub(packed, headers_start, at_start - 1), sub(packed, at_start, pos - 1),
+          flags % 2 == 1 and sub(packed, key_start, headers_start - 1))
       for s = 1, subscriptions do sizes[s] = sizes[s] + 1 end
       stored = stored + 1
     end
@@ -432,7 +490,7 @@ for e = 1, envelopes do
   end
 end
 write_counts()
-return {envelopes}
+return {e}
 """
 
 # Reads every counter and, per subscription (ARGV: name, topic stream, retry stream,
@@ -526,11 +584,11 @@ SCRIPTS = {
 }
 
 
-@dataclass(frozen=True)
-class _Tag:
+class _Tag(NamedTuple):
     """One delivery: its subscription, the stream it came from (t: topic, r: retry), the entry id.
 
     Subscriptions of one topic read the same entries, so the entry id alone is not enough.
+    A tuple, because tags are hashed several times per delivery and a tuple hashes in C.
     """
 
     subscription: str
@@ -538,7 +596,7 @@ class _Tag:
     entry_id: str
 
 
-@dataclass
+@dataclass(slots=True)
 class _Lease:
     delivery: Delivery
     deadline: float
@@ -611,7 +669,10 @@ class RedisBroker(Broker):
         self._leases: dict[str, dict[_Tag, _Lease]] = {}
         self._unsettled: dict[str, dict[_Tag, Delivery]] = {}
         self._surplus: dict[str, deque[Delivery]] = {}
-        self._timers: list[tuple[float, int, str, _Tag | None]] = []
+        # A lease timer lists the tags of one fetched batch, which share a deadline. A timer
+        # with None in place of tags runs when the subscription's next delayed retry is due.
+        self._timers: list[tuple[float, int, str, tuple[_Tag, ...] | None]] = []
+        self._script_heads: dict[str, tuple[list[bytes], list[bytes]]] = {}
         self._promotions: dict[str, float] = {}
         self._sequence = itertools.count()
         self._timer_changed = asyncio.Event()
@@ -692,6 +753,7 @@ class RedisBroker(Broker):
         self.topology = topology
         self.flow_name = topology.flow_name
         self._names = _Names(topology.flow_name)
+        self._script_heads = {}
         self._configs = {config.name: config for config in topology.subscriptions}
         self._by_topic = {topic: [] for topic in topology.topics}
         for config in topology.subscriptions:
@@ -818,12 +880,17 @@ class RedisBroker(Broker):
         if subscriptions is None:
             raise BrokerError(f"topic '{topic}' is not declared on the broker")
 
-        while envelopes:
+        # Envelopes are packed once: a publish that waits for room sends the rest again.
+        packed = [_pack_envelope(envelope) for envelope in envelopes]
+        dedup_keys = [self._names.dedup(envelope.id) if envelope.dedupe else None for envelope in envelopes]
+        start = 0
+        while start < len(envelopes):
             self._check_open()
             self._room.clear()
-            script = self._publish_script(topic, subscriptions, envelopes[:PUBLISH_BATCH])
+            end = start + PUBLISH_BATCH
+            script = self._publish_script(topic, subscriptions, packed[start:end], dedup_keys[start:end])
             reply = await self._run(f"publish to topic '{topic}'", script)
-            envelopes = envelopes[int(reply[0]):]
+            start += int(reply[0])
             if len(reply) == 1:
                 continue
 
@@ -839,20 +906,13 @@ class RedisBroker(Broker):
                 raise BrokerError(f"the Redis broker closed while a publish to topic '{topic}' waited for room in "
                                   f"subscription '{name}'")
 
-    def _publish_script(self, topic: str, subscriptions: list[SubscriptionConfig],
-                        envelopes: list[Envelope]) -> Awaitable[Any]:
-        keys = [self._names.counters, self._names.topic(topic)]
+    def _publish_script(self, topic: str, subscriptions: list[SubscriptionConfig], packed: list[bytes],
+                        dedup_keys: list[str | None]) -> Awaitable[Any]:
+        keys = [self._names.counters, self._names.topic(topic), *[key for key in dedup_keys if key is not None]]
         args: list[Any] = [topic, int(self.dedup_window * 1000), self.max_length or 0, len(subscriptions)]
         for config in subscriptions:
             args += [config.name, config.max_pending]
-        for envelope in envelopes:
-            dedup_index = 0
-            if envelope.dedupe:
-                keys.append(self._names.dedup(envelope.id))
-                dedup_index = len(keys)
-            headers = json.dumps(envelope.headers) if envelope.headers else "{}"
-            args += [envelope.id, envelope.body, int(envelope.key is not None), envelope.key or "",
-                     headers, repr(envelope.published_at), dedup_index]
+        args.append(b"".join(packed))
         return self._scripts["publish"](keys=keys, args=args)
 
     # Fetching
@@ -897,8 +957,8 @@ class RedisBroker(Broker):
         await self._expire(config, claimed)
         self._log_lost(config, lost)
 
-        deliveries = [self._delivery(config, kind.decode(), entry_id.decode(), _pairs(fields))
-                      for kind, entry_id, fields in delivered]
+        now = self.clock.wall()
+        deliveries = [self._delivery(config, row, now) for row in delivered]
         self._track(config, deliveries)
         self._schedule_promotion(config.name, next_due)
         return deliveries, None if next_due < 0 else next_due / 1000
@@ -923,15 +983,15 @@ class RedisBroker(Broker):
         reply = await self._run(f"read subscription '{config.name}'", read)
 
         retry_stream = self._names.retry(config.name).encode()
-        entries = [(RETRY_STREAM if stream == retry_stream else TOPIC_STREAM, entry_id.decode(), fields)
-                   for stream, items in reply for entry_id, fields in items]
+        entries = [(RETRY_STREAM if stream == retry_stream else TOPIC_STREAM, entry_id)
+                   for stream, items in reply for entry_id, _ in items]
         if not entries:
             return []
         accepted = await self._subscription_script(
-            "accept", config, [part for kind, entry_id, _ in entries for part in (kind, entry_id)])
+            "accept", config, [part for entry in entries for part in entry])
 
-        deliveries = [self._delivery(config, kind, entry_id, fields)
-                      for (kind, entry_id, fields), taken in zip(entries, accepted) if taken]
+        now = self.clock.wall()
+        deliveries = [self._delivery(config, row, now) for row in accepted if row]
         self._track(config, deliveries)
         # One reply can hold up to max_messages entries of each stream. The surplus is
         # leased already, so the next fetch returns it first.
@@ -955,17 +1015,17 @@ class RedisBroker(Broker):
                 taken.append(delivery)
         return taken
 
-    def _delivery(self, config: SubscriptionConfig, kind: str, entry_id: str, fields: dict[bytes, bytes],
-                  first_delivered_at: float | None = None) -> Delivery:
-        key = fields.get(b"key")
-        topic = fields.get(b"topic")
+    @staticmethod
+    def _delivery(config: SubscriptionConfig, row: list[Any], first_delivered_at: float) -> Delivery:
+        """Build a delivery from a script's row, stamped `first_delivered_at` unless the entry has that time."""
+        kind, entry_id, message_id, body, headers, published_at, key, topic, deliveries, first = row
         envelope = Envelope(
-            fields[b"id"].decode(), config.topic if topic is None else topic.decode(), fields[b"body"],
-            None if key is None else key.decode(), _headers_of(fields[b"headers"]), float(fields[b"published_at"]),
+            message_id.decode(), config.topic if topic is None else topic.decode(), body,
+            None if key is None else key.decode(), _headers_of(headers), float(published_at),
         )
-        deliveries = int(fields.get(b"deliveries", b"0"))
-        first = float(fields.get(b"first_delivered_at", b"0")) or first_delivered_at or self.clock.wall()
-        return Delivery(envelope, config.name, deliveries + 1, _Tag(config.name, kind, entry_id), first)
+        count = 1 if deliveries is None else int(deliveries) + 1
+        first_at = (first is not None and float(first)) or first_delivered_at
+        return Delivery(envelope, config.name, count, _Tag(config.name, kind.decode(), entry_id.decode()), first_at)
 
     def _track(self, config: SubscriptionConfig, deliveries: list[Delivery]) -> None:
         """Record this process's deliveries: each gets a lease timer, or under ack: none one settlement."""
@@ -975,11 +1035,14 @@ class RedisBroker(Broker):
                 self._room.set()
             return
 
+        if not deliveries:
+            return
         deadline = self.clock.monotonic() + config.ack_timeout + LEASE_MARGIN_SECONDS
         leases = self._leases[config.name]
         for delivery in deliveries:
             leases[delivery.tag] = _Lease(delivery, deadline)
-            self._push_timer(deadline, config.name, delivery.tag)
+        # The batch shares one deadline, so one timer covers it.
+        self._push_timer(deadline, config.name, tuple(delivery.tag for delivery in deliveries))
 
     # Settling
 
@@ -991,8 +1054,15 @@ class RedisBroker(Broker):
             return
 
         leases = self._leases[subscription]
-        settlements = [_Settlement("ack", leases[tag].delivery) for tag in dict.fromkeys(tags) if tag in leases]
-        await self._settle(config, settlements)
+        known = [tag for tag in dict.fromkeys(tags) if tag in leases]
+        if not config.ordered:
+            await self._settle(config, known, [])
+            return
+        # An ack that frees a key of an ordered subscription goes through the full settlement.
+        plain = [tag for tag in known if leases[tag].delivery.envelope.key is None]
+        keyed = [_Settlement("ack", leases[tag].delivery) for tag in known
+                 if leases[tag].delivery.envelope.key is not None]
+        await self._settle(config, plain, keyed)
 
     async def nack(self, subscription: str, nacks: Sequence[Nack]) -> None:
         """Schedule redeliveries after their delay or backoff, or dead-letter or drop used-up messages."""
@@ -1015,7 +1085,7 @@ class RedisBroker(Broker):
                 continue
             settlements.append(self._failure(config, lease.delivery, nack.delay, nack.error, nack.terminal,
                                              nack.dead_letter))
-        await self._settle(config, settlements)
+        await self._settle(config, [], settlements)
 
     async def _count_unsettled(self, config: SubscriptionConfig, tags: Sequence[Any],
                                counter: str) -> dict[_Tag, Delivery]:
@@ -1030,8 +1100,7 @@ class RedisBroker(Broker):
         field_name = f"subscription:{config.name}:{counter}"
         await self._run(f"count {counter} on '{config.name}'",
                         self._connected().hincrby(self._names.counters, field_name, len(known)))
-        for tag in known:
-            self._forget(config.name, tag)
+        self._forget_all(config.name, list(known))
         self._request_trim(config)
         return known
 
@@ -1051,17 +1120,16 @@ class RedisBroker(Broker):
         wait = config.backoff(delivery.delivery_count) if delay is None else max(delay, 0.0)
         return _Settlement("retry", delivery, wait, _record_fields(delivery), error)
 
-    async def _settle(self, config: SubscriptionConfig, settlements: list[_Settlement]) -> None:
-        """Apply settlements in one script, then forget the leases, also those the server had expired."""
-        if not settlements:
-            return
-        plain = [item for item in settlements if self._is_plain_ack(config, item)]
-        others = [item for item in settlements if not self._is_plain_ack(config, item)]
-        settlements = plain + others
+    async def _settle(self, config: SubscriptionConfig, plain: list[_Tag], others: list[_Settlement]) -> None:
+        """Apply settlements in one script, then forget the leases, also those the server had expired.
 
+        `plain` are acks that free no key of an ordered subscription, so their entry ids are enough.
+        """
+        if not plain and not others:
+            return
         dead_subscriptions = [sub.name for sub in self._by_topic.get(config.dead_letter or "", [])]
         args: list[Any] = [config.dead_letter or "", len(dead_subscriptions), *dead_subscriptions]
-        args.append(" ".join(f"{item.delivery.tag.stream}:{item.delivery.tag.entry_id}" for item in plain))
+        args.append(" ".join(f"{tag.stream}:{tag.entry_id}" for tag in plain))
         for settlement in others:
             tag: _Tag = settlement.delivery.tag
             envelope = settlement.delivery.envelope
@@ -1069,19 +1137,14 @@ class RedisBroker(Broker):
                      envelope.key or "", _milliseconds(settlement.delay), len(settlement.fields), *settlement.fields]
         results = await self._subscription_script("settle", config, args)
 
-        for settlement, held in zip(settlements, results):
+        for settlement, held in zip(others, results):
             if held:
                 self._log_settlement(config, settlement)
             if held and settlement.action == "retry" and settlement.delay > 0:
                 self._schedule_promotion(config.name, _milliseconds(settlement.delay))
-            self._forget(config.name, settlement.delivery.tag)
+        self._forget_all(config.name, [*plain, *[settlement.delivery.tag for settlement in others]])
         self._room.set()
         self._request_trim(config)
-
-    @staticmethod
-    def _is_plain_ack(config: SubscriptionConfig, settlement: _Settlement) -> bool:
-        """Return whether the ack frees no key of an ordered subscription, so its entry id is enough."""
-        return settlement.action == "ack" and (not config.ordered or settlement.delivery.envelope.key is None)
 
     def _log_settlement(self, config: SubscriptionConfig, settlement: _Settlement) -> None:
         delivery = settlement.delivery
@@ -1099,6 +1162,15 @@ class RedisBroker(Broker):
         self._unsettled[subscription].pop(tag, None)
         self._released(subscription, tag)
 
+    def _forget_all(self, subscription: str, tags: list[_Tag]) -> None:
+        """Drop the local records of deliveries and free their places under push consumers' caps."""
+        leases = self._leases[subscription]
+        unsettled = self._unsettled[subscription]
+        for tag in tags:
+            leases.pop(tag, None)
+            unsettled.pop(tag, None)
+        self._released_all(subscription, tags)
+
     # Expiry and delayed retries
 
     async def _expire(self, config: SubscriptionConfig, claimed: list[Any]) -> None:
@@ -1111,11 +1183,10 @@ class RedisBroker(Broker):
         started = self.clock.wall() - config.ack_timeout
         leases = self._leases[config.name]
         settlements = []
-        for kind, entry_id, fields in claimed:
-            tag = _Tag(config.name, kind.decode(), entry_id.decode())
+        for row in claimed:
+            tag = _Tag(config.name, row[0].decode(), row[1].decode())
             lease = leases.get(tag)
-            delivery = lease.delivery if lease else self._delivery(config, tag.stream, tag.entry_id, _pairs(fields),
-                                                                   started)
+            delivery = lease.delivery if lease else self._delivery(config, row, started)
             if config.ack is AckPolicy.NONE:
                 settlements.append(_Settlement("drop", delivery, error=error))
                 continue
@@ -1126,7 +1197,7 @@ class RedisBroker(Broker):
                     delivery.envelope.id, config.name, config.ack_timeout, delivery.delivery_count,
                 )
             settlements.append(settlement)
-        await self._settle(config, settlements)
+        await self._settle(config, [], settlements)
 
     def _log_lost(self, config: SubscriptionConfig, lost: int) -> None:
         if lost:
@@ -1146,9 +1217,10 @@ class RedisBroker(Broker):
         self._promotions[subscription] = due
         self._push_timer(due, subscription, None)
 
-    def _push_timer(self, due: float, subscription: str, tag: _Tag | None) -> None:
+    def _push_timer(self, due: float, subscription: str, tags: tuple[_Tag, ...] | None) -> None:
+        """Run maintenance at `due` for leases `tags`, or for the next delayed retry when None."""
         earliest = self._timers[0][0] if self._timers else None
-        heapq.heappush(self._timers, (due, next(self._sequence), subscription, tag))
+        heapq.heappush(self._timers, (due, next(self._sequence), subscription, tags))
         if earliest is None or due < earliest:
             self._timer_changed.set()
 
@@ -1158,12 +1230,13 @@ class RedisBroker(Broker):
 
     def _compact_timers(self) -> None:
         """Drop timers of settled or re-armed leases, which otherwise stay until their deadline."""
-        def current(timer: tuple[float, int, str, _Tag | None]) -> bool:
-            due, _, subscription, tag = timer
-            if tag is None:
+        def current(timer: tuple[float, int, str, tuple[_Tag, ...] | None]) -> bool:
+            due, _, subscription, tags = timer
+            if tags is None:
                 return True
-            lease = self._leases[subscription].get(tag)
-            return lease is not None and lease.deadline == due
+            # A timer still counts while one of its leases has not been re-armed to a later deadline.
+            leases = self._leases[subscription]
+            return any((lease := leases.get(tag)) is not None and lease.deadline <= due for tag in tags)
 
         self._timers = [timer for timer in self._timers if current(timer)]
         heapq.heapify(self._timers)
@@ -1177,9 +1250,7 @@ class RedisBroker(Broker):
                     self._errors.warning("maintenance", "expiring deliveries of '%s' failed, retrying in %gs: %s",
                                          subscription, RETRY_AFTER_ERROR_SECONDS, error)
                     retry_at = self.clock.monotonic() + RETRY_AFTER_ERROR_SECONDS
-                    retries: list[_Tag | None] = [*tags] or [None]
-                    for tag in retries:
-                        self._push_timer(retry_at, subscription, tag)
+                    self._push_timer(retry_at, subscription, tuple(tags) or None)
 
             if self._trim_at is not None and self._trim_at <= self.clock.monotonic():
                 await self._trim()
@@ -1194,18 +1265,20 @@ class RedisBroker(Broker):
     def _take_due_timers(self) -> dict[str, list[_Tag]]:
         """Pop due timers: per subscription, the leases of this process that should have expired."""
         now = self.clock.monotonic()
-        due: dict[str, list[_Tag]] = {}
+        due: dict[str, dict[_Tag, None]] = {}
         while self._timers and self._timers[0][0] <= now:
-            _, _, subscription, tag = heapq.heappop(self._timers)
-            if tag is None:
+            _, _, subscription, tags = heapq.heappop(self._timers)
+            if tags is None:
                 self._promotions.pop(subscription, None)
-                due.setdefault(subscription, [])
+                due.setdefault(subscription, {})
                 continue
             # A lease re-armed by _maintain leaves its earlier timer behind; skip that one.
-            lease = self._leases[subscription].get(tag)
-            if lease is not None and lease.deadline <= now:
-                due.setdefault(subscription, []).append(tag)
-        return due
+            # Settled leases are gone from the dict.
+            leases = self._leases[subscription]
+            expired = [tag for tag in tags if (lease := leases.get(tag)) is not None and lease.deadline <= now]
+            if expired:
+                due.setdefault(subscription, {}).update(dict.fromkeys(expired))
+        return {subscription: list(tags) for subscription, tags in due.items()}
 
     async def _maintain(self, subscription: str, tags: list[_Tag]) -> None:
         """Expire idle deliveries and promote due retries, then re-arm leases that have time left."""
@@ -1215,7 +1288,7 @@ class RedisBroker(Broker):
         await self._expire(config, claimed)
         self._log_lost(config, lost)
 
-        claimed_tags = {_Tag(subscription, kind.decode(), entry_id.decode()) for kind, entry_id, _ in claimed}
+        claimed_tags = {_Tag(subscription, row[0].decode(), row[1].decode()) for row in claimed}
         for tag, remaining in zip(tags, statuses):
             if tag in claimed_tags or tag not in self._leases[subscription]:
                 continue
@@ -1225,7 +1298,7 @@ class RedisBroker(Broker):
             else:
                 deadline = self.clock.monotonic() + remaining / 1000 + LEASE_MARGIN_SECONDS
                 self._leases[subscription][tag].deadline = deadline
-                self._push_timer(deadline, subscription, tag)
+                self._push_timer(deadline, subscription, (tag,))
         self._schedule_promotion(subscription, next_due)
 
     def _request_trim(self, config: SubscriptionConfig) -> None:
@@ -1345,15 +1418,26 @@ class RedisBroker(Broker):
     # Plumbing
 
     async def _subscription_script(self, name: str, config: SubscriptionConfig, args: Sequence[Any]) -> Any:
-        names = self._names
-        dead_stream = names.topic(config.dead_letter or config.topic)
-        keys = [names.counters, names.topic(config.topic), names.retry(config.name), names.delayed(config.name),
-                names.owners(config.name), dead_stream, names.dead_letters]
-        header = [config.name, self.consumer, names.prefix, config.topic, int(config.ordered),
-                  int(config.ack is AckPolicy.NONE)]
+        keys, header = self._script_head(config)
         self._check_open()
         return await self._run(f"{name} on subscription '{config.name}'",
                                self._scripts[name](keys=keys, args=[*header, *args]))
+
+    def _script_head(self, config: SubscriptionConfig) -> tuple[list[bytes], list[bytes]]:
+        """Return the keys and leading arguments of the subscription's scripts, encoded once.
+
+        The client passes bytes through as they are, but converts any other argument on every call.
+        """
+        head = self._script_heads.get(config.name)
+        if head is None:
+            names = self._names
+            keys = [names.counters, names.topic(config.topic), names.retry(config.name), names.delayed(config.name),
+                    names.owners(config.name), names.topic(config.dead_letter or config.topic), names.dead_letters]
+            header = [config.name, self.consumer, names.prefix, config.topic, str(int(config.ordered)),
+                      str(int(config.ack is AckPolicy.NONE))]
+            head = ([key.encode() for key in keys], [value.encode() for value in header])
+            self._script_heads[config.name] = head
+        return head
 
     async def _run(self, action: str, operation: Awaitable[T]) -> T:
         """Await a client call, translating client errors into BrokerError."""
@@ -1416,6 +1500,21 @@ def _headers_of(text: bytes) -> dict[str, str]:
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     """Turn a flat Redis reply [name, value, name, value, ...] into a dict."""
     return dict(zip(flat[::2], flat[1::2]))
+
+
+def _pack_envelope(envelope: Envelope) -> bytes:
+    """Pack an envelope for the publish script: a head of flags and lengths, then the values."""
+    message_id = envelope.id.encode()
+    body = envelope.body
+    if not isinstance(body, bytes):
+        # redis-py encodes str and other bytes-like arguments, so such bodies stay accepted.
+        body = body.encode() if isinstance(body, str) else bytes(body)
+    key = b"" if envelope.key is None else envelope.key.encode()
+    headers = json.dumps(envelope.headers).encode() if envelope.headers else b"{}"
+    published_at = repr(envelope.published_at).encode()
+    flags = (envelope.key is not None) | (envelope.dedupe << 1)
+    head = _ENVELOPE_HEAD.pack(flags, len(message_id), len(body), len(key), len(headers), len(published_at))
+    return b"".join((head, message_id, body, key, headers, published_at))
 
 
 def _entry_fields(envelope: Envelope) -> list[str | bytes]:
