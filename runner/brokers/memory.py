@@ -11,6 +11,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import operator
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
@@ -49,6 +50,17 @@ _Waiting = Envelope | _InFlight
 
 def _envelope_of(item: _Waiting) -> Envelope:
     return item if isinstance(item, Envelope) else item.envelope
+
+
+_TOPIC_OF = operator.attrgetter("topic")
+
+
+def _topic_runs(envelopes: Sequence[Envelope]) -> list[tuple[str, list[Envelope]]]:
+    """Split envelopes into runs of consecutive envelopes of one topic, in order.
+
+    A producer's batch is usually one run, so queues take it with one `extend`.
+    """
+    return [(topic, list(run)) for topic, run in itertools.groupby(envelopes, key=_TOPIC_OF)]
 
 
 class _Queue:
@@ -135,28 +147,29 @@ class MemoryBroker(Broker):
         """Count the envelopes from `start` on that every queue they go to has room for."""
         room: dict[int, int] = {}
         count = 0
-        for envelope in envelopes[start:]:
-            queues = self._by_topic.get(envelope.topic)
+        for topic, run in _topic_runs(envelopes[start:]):
+            queues = self._by_topic.get(topic)
             if queues is None:
                 break
+            fits = len(run)
             for queue in queues:
-                left = room.get(id(queue))
-                if left is None:
-                    left = queue.config.max_pending - queue.size
-                if left <= 0:
-                    return count
-                room[id(queue)] = left - 1
-            count += 1
+                left = room.setdefault(id(queue), queue.config.max_pending - queue.size)
+                fits = min(fits, max(left, 0))
+            for queue in queues:
+                room[id(queue)] -= fits
+            count += fits
+            if fits < len(run):
+                break
         return count
 
     def _store(self, envelopes: Sequence[Envelope]) -> None:
         touched: dict[int, _Queue] = {}
         published = self.counters.published
-        for envelope in envelopes:
-            for queue in self._by_topic.get(envelope.topic, ()):
-                queue.ready.append(envelope)
+        for topic, run in _topic_runs(envelopes):
+            for queue in self._by_topic.get(topic, ()):
+                queue.ready.extend(run)
                 touched[id(queue)] = queue
-            published[envelope.topic] += 1
+            published[topic] += len(run)
         for queue in touched.values():
             queue.update_room()
             queue.not_empty.set()

@@ -14,6 +14,7 @@ from .helpers import (
     WAIT_SECONDS,
     envelope,
     envelopes,
+    fetch_exactly,
     fetch_one,
     is_still_pending,
     published_count,
@@ -102,3 +103,32 @@ async def test_rejected_message_reaches_no_subscription(broker_factory):
 
     assert shipping["pending"] == 1
     assert await published_count(broker, "Orders") == 1
+
+
+async def test_mixed_batch_waits_at_full_subscription(broker_factory):
+    # Orders fits two messages, Refunds many. The batch stops at the third Orders
+    # message and goes on, in order, once an ack frees a place.
+    broker = await broker_factory(
+        subscription("billing", max_pending=2), subscription("refunds", topic="Refunds", max_pending=100)
+    )
+    batch = [envelope(body=b"1"), envelope("Refunds", b"2"), envelope(body=b"3"), envelope("Refunds", b"4"),
+             envelope(body=b"5"), envelope("Refunds", b"6")]
+
+    blocked = asyncio.create_task(broker.publish(batch))
+    try:
+        blocked_at_third = await is_still_pending(blocked, BLOCKED_CHECK_SECONDS)
+        refunds_while_blocked = await published_count(broker, "Refunds")
+        first = await fetch_one(broker, "billing")
+        await broker.ack("billing", [first.tag])
+        await asyncio.wait_for(blocked, WAIT_SECONDS)
+    finally:
+        blocked.cancel()
+    billing = [first, *await fetch_exactly(broker, "billing", 2)]
+    refunds = await fetch_exactly(broker, "refunds", 3)
+
+    assert blocked_at_third
+    assert refunds_while_blocked == 2
+    assert [delivery.envelope.body for delivery in billing] == [b"1", b"3", b"5"]
+    assert [delivery.envelope.body for delivery in refunds] == [b"2", b"4", b"6"]
+    assert await published_count(broker, "Orders") == 3
+    assert await published_count(broker, "Refunds") == 3
