@@ -107,6 +107,29 @@ _PositionLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG,
 _PositionLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG, _PositionLoader.construct_expanded_string)
 
 
+# What to do about PyYAML's most common problems, found by a part of its wording.
+_YAML_HINTS = (
+    ("mapping values are not allowed", "quote a value that contains ': ', or indent the line under its key"),
+    ("expected <block end>", "indent the keys of one mapping, or the items of one list, by the same number of spaces"),
+    ("expected ',' or ']'", "close the '[' list opened earlier, or put each item on its own '- ' line"),
+    ("expected ',' or '}'", "close the '{' mapping opened earlier, or put each key on its own line"),
+    ("could not find expected ':'", "write each line of a mapping as 'key: value', or fix its indentation"),
+    ("'\\t' that cannot start any token", "YAML indents with spaces only, so replace the tab with spaces"),
+    ("found another document", "a flow file is one YAML document, so remove the '---' line and what follows it"),
+    ("recursive node", "an alias cannot refer to the mapping or list that contains it, so write the values out"),
+    ("found undefined alias", "define the anchor ('&name') before the alias ('*name') that uses it"),
+    ("could not determine a constructor", "flow files are plain YAML, so remove the tag"),
+    ("found unexpected end of stream", "close the quoted string"),
+)
+
+
+def _with_hint(problem: str) -> str:
+    for wording, hint in _YAML_HINTS:
+        if wording in problem:
+            return f"{problem}; {hint}"
+    return problem
+
+
 def load_yaml(text: str, path: str, environment: Mapping[str, str] | None = None) -> Any:
     """Parse one YAML document, raising FlowFileError with the file position on any problem."""
     loader_class = type("FlowLoader", (_PositionLoader,), {"path": path, "environment": environment or os.environ})
@@ -119,7 +142,7 @@ def load_yaml(text: str, path: str, environment: Mapping[str, str] | None = None
         mark = error.problem_mark or error.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (0, 0)
         problem = error.problem or error.context or "invalid YAML"
-        raise FlowFileError(Location(path, line, column), f"invalid YAML: {problem}") from None
+        raise FlowFileError(Location(path, line, column), f"invalid YAML: {_with_hint(problem)}") from None
     except yaml.YAMLError as error:
         raise FlowFileError(Location(path), f"invalid YAML: {error}") from None
     except RecursionError:

@@ -326,14 +326,16 @@ def test_duplicate_quoted_and_plain(tmp_path: Path) -> None:
 def test_yaml_mapping_value_misplaced(tmp_path: Path) -> None:
     path = write(tmp_path, "topics:\n  Orders:\n    description: a: b\n")
     assert error_lines(path) == [
-        f"{path}:3:19: error: invalid YAML: mapping values are not allowed here"
+        f"{path}:3:19: error: invalid YAML: mapping values are not allowed here; "
+        "quote a value that contains ': ', or indent the line under its key"
     ]
 
 
 def test_yaml_stray_sequence_item(tmp_path: Path) -> None:
     path = write(tmp_path, "topics:\n  Orders:\n    description: x\n  - item\n")
     assert error_lines(path) == [
-        f"{path}:4:3: error: invalid YAML: expected <block end>, but found '-'"
+        f"{path}:4:3: error: invalid YAML: expected <block end>, but found '-'; "
+        "indent the keys of one mapping, or the items of one list, by the same number of spaces"
     ]
 
 
@@ -343,26 +345,32 @@ def test_yaml_unclosed_flow_sequence(tmp_path: Path) -> None:
         "topics:\n  Orders:\nproducers:\n  src:\n    plugin: a:b\n    publishes: [Orders\n",
     )
     assert error_lines(path) == [
-        f"{path}:7:1: error: invalid YAML: expected ',' or ']', but got '<stream end>'"
+        f"{path}:7:1: error: invalid YAML: expected ',' or ']', but got '<stream end>'; "
+        "close the '[' list opened earlier, or put each item on its own '- ' line"
     ]
 
 
 def test_yaml_tab_indentation(tmp_path: Path) -> None:
     path = write(tmp_path, "topics:\n\tOrders:\n")
     assert error_lines(path) == [
-        f"{path}:2:1: error: invalid YAML: found character '\\t' that cannot start any token"
+        f"{path}:2:1: error: invalid YAML: found character '\\t' that cannot start any token; "
+        "YAML indents with spaces only, so replace the tab with spaces"
     ]
 
 
 def test_yaml_second_document(tmp_path: Path) -> None:
     path = write(tmp_path, "topics:\n  Orders:\n---\ntopics:\n  Other:\n")
-    assert error_lines(path) == [f"{path}:3:1: error: invalid YAML: but found another document"]
+    assert error_lines(path) == [
+        f"{path}:3:1: error: invalid YAML: but found another document; "
+        "a flow file is one YAML document, so remove the '---' line and what follows it"
+    ]
 
 
 def test_yaml_recursive_alias(tmp_path: Path) -> None:
     path = write(tmp_path, "topics: &loop\n  Orders: *loop\n")
     assert error_lines(path) == [
-        f"{path}:1:9: error: invalid YAML: found unconstructable recursive node"
+        f"{path}:1:9: error: invalid YAML: found unconstructable recursive node; "
+        "an alias cannot refer to the mapping or list that contains it, so write the values out"
     ]
 
 
@@ -534,7 +542,8 @@ def test_env_unset_in_plugin_options(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_tag_rejected(tmp_path: Path, value: str, tag: str) -> None:
     path = write(tmp_path, f"topics: {value}\n")
     assert error_lines(path) == [
-        f"{path}:1:9: error: invalid YAML: could not determine a constructor for the tag '{tag}'"
+        f"{path}:1:9: error: invalid YAML: could not determine a constructor for the tag '{tag}'; "
+        "flow files are plain YAML, so remove the tag"
     ]
 
 
@@ -544,7 +553,7 @@ def test_apply_tag_not_executed(tmp_path: Path) -> None:
     assert error_lines(path) == [
         (
             f"{path}:1:9: error: invalid YAML: could not determine a constructor for the tag "
-            "'tag:yaml.org,2002:python/object/apply:os.system'"
+            "'tag:yaml.org,2002:python/object/apply:os.system'; flow files are plain YAML, so remove the tag"
         )
     ]
     assert not marker.exists()
