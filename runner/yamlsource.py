@@ -107,7 +107,7 @@ _PositionLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG,
 _PositionLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG, _PositionLoader.construct_expanded_string)
 
 
-# What to do about PyYAML's most common problems, found by a part of its wording.
+# Advice for PyYAML's most common problems, each found by a part of PyYAML's wording.
 _YAML_HINTS = (
     ("mapping values are not allowed", "quote a value that contains ': ', or indent the line under its key"),
     ("expected <block end>", "indent the keys of one mapping, or the items of one list, by the same number of spaces"),
