@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -48,38 +49,55 @@ FREE_PAGES_KEPT = 2_000
 
 
 SQL_CHUNK = 400
+# DELETE ... RETURNING needs SQLite 3.35 (2021). Python links the system's SQLite, so older
+# libraries take a SELECT and a DELETE instead.
+HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+# Start of the statement that leases rows. The caller appends the WHERE clause. The rows of one fetch share the lease
+# number and the deadline, and SQL adds the delivery that the fetched deliveries already count.
+LEASE_UPDATE = (
+    "UPDATE deliveries SET leased = 1, lease = ?, visible_at = ?, delivery_count = delivery_count + 1, "
+    "first_delivered_at = CASE first_delivered_at WHEN 0 THEN ? ELSE first_delivered_at END "
+)
 
 
 class _PublishBatch:
-    """Rows of one publish call, written with one executemany per table."""
+    """Rows of one publish call, written with one statement per table and subscription.
+
+    The messages get the seqs from `first_seq` up to `next_seq`, so each subscription's
+    delivery rows are copied from that range of `messages` in SQL.
+    """
 
     def __init__(self, first_seq: int, now: float) -> None:
+        self.first_seq = first_seq
         self.next_seq = first_seq
         self.now = now
         self.seen_rows: list[tuple[str, float]] = []
         self.message_rows: list[tuple[Any, ...]] = []
-        self.delivery_rows: list[tuple[str, int, str | None, float]] = []
         self.published: dict[str, int] = {}
-        self.sizes: dict[str, int] = {}
+        # Messages stored per topic. Each subscription of the topic receives all of them.
+        self.stored: dict[str, int] = {}
 
     def add(self, envelope: Envelope, holders: list[SubscriptionConfig]) -> None:
         if envelope.dedupe:
             self.seen_rows.append((envelope.id, envelope.published_at))
-        self.published[envelope.topic] = self.published.get(envelope.topic, 0) + 1
+        topic = envelope.topic
+        self.published[topic] = self.published.get(topic, 0) + 1
         if not holders:
             return
 
-        seq = self.next_seq
-        self.next_seq += 1
-        self.message_rows.append((seq, envelope.id, envelope.topic, envelope.body, envelope.key,
+        self.stored[topic] = self.stored.get(topic, 0) + 1
+        self.message_rows.append((self.next_seq, envelope.id, topic, envelope.body, envelope.key,
                                   _headers_text(envelope.headers), envelope.published_at, len(holders)))
-        for config in holders:
-            self.delivery_rows.append((config.name, seq, envelope.key, self.now))
-            self.sizes[config.name] = self.sizes.get(config.name, 0) + 1
+        self.next_seq += 1
 
 
-@dataclass(frozen=True)
-class _Tag:
+class _Tag(NamedTuple):
+    """One delivery: the message's seq and the lease number of the fetch that leased it.
+
+    A tuple, because tags are hashed several times per delivery and a tuple hashes in C.
+    All rows of one fetch share a lease number, and the seq distinguishes them.
+    """
+
     seq: int
     lease: int
 
@@ -95,14 +113,16 @@ class _Store:
         self.connection: sqlite3.Connection | None = None
         self.configs: dict[str, SubscriptionConfig] = {}
         self.by_topic: dict[str, list[SubscriptionConfig]] = {}
-        self.leases = 0
+        # Lease numbers start at a random point, so a late ack from another process that
+        # once leased the same row with the same number is all but impossible.
+        self.leases = secrets.randbits(48)
         self.publishes_since_purge = 0
         self.removed_since_vacuum = 0
         self.data_version = -1
         # Subscriptions that received messages since the broker last took this set.
         self.arrivals: set[str] = set()
         # Deliveries under ack: none that are not settled yet; they have no row any more.
-        self.unsettled: set[tuple[str, int]] = set()
+        self.unsettled: set[tuple[str, _Tag]] = set()
 
     # Opening
 
@@ -189,16 +209,13 @@ class _Store:
                 continue
 
             holders = self.by_topic.get(envelope.topic, [])
-            if bounded and not self._has_room(envelope.topic, holders, room):
+            if bounded and holders and not self._take_room(envelope.topic, holders, room):
                 stored = index
                 break
 
             if envelope.dedupe:
                 seen.add(envelope.id)
             batch.add(envelope, holders)
-            for config in holders:
-                if config.name in room:
-                    room[config.name] -= 1
 
         self._write_batch(batch)
         return stored
@@ -216,7 +233,8 @@ class _Store:
                                       ).fetchone()
         return int(largest) + 1
 
-    def _has_room(self, topic: str, holders: list[SubscriptionConfig], room: dict[str, int]) -> bool:
+    def _take_room(self, topic: str, holders: list[SubscriptionConfig], room: dict[str, int]) -> bool:
+        """Take room for one message in every holder; return False, taking none, if one is full."""
         for config in holders:
             if config.name not in room:
                 (size,) = self._db.execute("SELECT size FROM subscriptions WHERE name = ?", (config.name,)).fetchone()
@@ -229,6 +247,8 @@ class _Store:
                     "its max_pending; retry later or raise max_pending"
                 )
             return False
+        for config in holders:
+            room[config.name] -= 1
         return True
 
     def _write_batch(self, batch: _PublishBatch) -> None:
@@ -244,17 +264,26 @@ class _Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 batch.message_rows,
             )
-            connection.executemany("INSERT INTO deliveries (subscription, seq, key, visible_at) VALUES (?, ?, ?, ?)",
-                                   batch.delivery_rows)
-            connection.executemany("UPDATE subscriptions SET size = size + ? WHERE name = ?",
-                                   [(count, name) for name, count in batch.sizes.items()])
-            self.arrivals.update(batch.sizes)
+            self._write_deliveries(batch)
 
         self.publishes_since_purge += len(batch.seen_rows)
         if self.publishes_since_purge >= SEEN_ID_PURGE_EVERY:
             self.publishes_since_purge = 0
             cutoff = self.clock.wall() - self.dedup_window
             connection.execute("DELETE FROM seen_ids WHERE published_at < ?", (cutoff,))
+
+    def _write_deliveries(self, batch: _PublishBatch) -> None:
+        """Copy the batch's delivery rows from its messages, since each subscription of a topic receives all of them."""
+        connection = self._db
+        for topic, count in batch.stored.items():
+            for config in self.by_topic[topic]:
+                connection.execute(
+                    "INSERT INTO deliveries (subscription, seq, key, visible_at) SELECT ?, seq, key, ? FROM messages "
+                    "WHERE seq >= ? AND seq < ? AND topic = ?",
+                    (config.name, batch.now, batch.first_seq, batch.next_seq, topic),
+                )
+                connection.execute("UPDATE subscriptions SET size = size + ? WHERE name = ?", (count, config.name))
+                self.arrivals.add(config.name)
 
     def _insert(self, envelope: Envelope, holders: list[SubscriptionConfig]) -> None:
         connection = self._db
@@ -285,12 +314,12 @@ class _Store:
         expired = self._expire_leases(config, now)
 
         rows = self._ready_rows(config, now, max_messages)
-        deliveries = [self._lease(config, row, now) for row in rows]
+        deliveries = self._lease_rows(config, rows, now)
         self._write_leases(config, deliveries, now)
         if deliveries:
             self._db.execute(
                 "UPDATE subscriptions SET delivered = delivered + ?, redelivered = redelivered + ? WHERE name = ?",
-                (len(deliveries), sum(1 for d in deliveries if d.delivery_count > 1), subscription),
+                (len(deliveries), sum(1 for row in rows if row[1]), subscription),
             )
 
         next_due = self._db.execute(
@@ -300,8 +329,9 @@ class _Store:
         return deliveries, next_due, expired
 
     def _ready_rows(self, config: SubscriptionConfig, now: float, limit: int) -> list[tuple[Any, ...]]:
+        # A delivery's topic is its subscription's topic, so the query does not read it.
         query = (
-            "SELECT d.seq, d.delivery_count, d.first_delivered_at, m.id, m.topic, m.body, m.key, m.headers, "
+            "SELECT d.seq, d.delivery_count, d.first_delivered_at, m.id, m.body, m.key, m.headers, "
             "m.published_at FROM deliveries d JOIN messages m ON m.seq = d.seq "
             "WHERE d.subscription = ? AND d.leased = 0 AND d.visible_at <= ? "
         )
@@ -314,15 +344,20 @@ class _Store:
         query += "ORDER BY d.seq LIMIT ?"
         return self._db.execute(query, (config.name, now, limit)).fetchall()
 
-    def _lease(self, config: SubscriptionConfig, row: tuple[Any, ...], now: float) -> Delivery:
-        seq, count, first_delivered_at, message_id, topic, body, key, headers, published_at = row
-        count += 1
-        first_delivered_at = first_delivered_at or now
+    def _lease_rows(self, config: SubscriptionConfig, rows: list[tuple[Any, ...]], now: float) -> list[Delivery]:
+        """Build the deliveries of one fetch, which share one new lease number."""
+        if not rows:
+            return []
         self.leases += 1
         lease = self.leases
-        envelope = Envelope(message_id, topic, body, key, _headers_of(headers), published_at)
-
-        return Delivery(envelope, config.name, count, _Tag(seq, lease), first_delivered_at)
+        name = config.name
+        topic = config.topic
+        return [
+            Delivery(Envelope(message_id, topic, body, key, orjson.loads(headers) if headers != "{}" else {},
+                              published_at),
+                     name, count + 1, _Tag(seq, lease), first_delivered_at or now)
+            for seq, count, first_delivered_at, message_id, body, key, headers, published_at in rows
+        ]
 
     def _write_leases(self, config: SubscriptionConfig, deliveries: list[Delivery], now: float) -> None:
         if not deliveries:
@@ -330,15 +365,31 @@ class _Store:
         if config.ack is AckPolicy.NONE:
             # At-most-once: the messages leave the queue as they are delivered.
             self._remove_many(config.name, [delivery.tag.seq for delivery in deliveries])
-            self.unsettled.update((config.name, delivery.tag.lease) for delivery in deliveries)
+            self.unsettled.update((config.name, delivery.tag) for delivery in deliveries)
             return
 
-        self._db.executemany(
-            "UPDATE deliveries SET leased = 1, lease = ?, visible_at = ?, delivery_count = ?, "
-            "first_delivered_at = ? WHERE subscription = ? AND seq = ?",
-            [(d.tag.lease, now + config.ack_timeout, d.delivery_count, d.first_delivered_at, config.name, d.tag.seq)
-             for d in deliveries],
+        lease = deliveries[0].tag.lease
+        values = [lease, now + config.ack_timeout, now, config.name]
+        if config.ordered:
+            self._lease_listed(values, [delivery.tag.seq for delivery in deliveries])
+            return
+        # The fetched rows are the first ready rows by seq, so the ready rows between the
+        # first and the last fetched seq are exactly them. The unary plus keeps SQLite on the
+        # primary key instead of scanning every ready row in deliveries_ready.
+        cursor = self._db.execute(
+            LEASE_UPDATE + "WHERE subscription = ? AND seq BETWEEN ? AND ? AND +leased = 0 AND +visible_at <= ?",
+            [*values, deliveries[0].tag.seq, deliveries[-1].tag.seq, now],
         )
+        if cursor.rowcount != len(deliveries):
+            raise BrokerError(f"lease update failed: it matched {cursor.rowcount} rows of subscription "
+                              f"'{config.name}' for {len(deliveries)} fetched messages, so the fetch was rolled back")
+
+    def _lease_listed(self, values: list[Any], seqs: list[int]) -> None:
+        """Lease the rows of these seqs: the ready rows between them may be waiting for their key."""
+        for start in range(0, len(seqs), SQL_CHUNK):
+            chunk = seqs[start:start + SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            self._db.execute(LEASE_UPDATE + f"WHERE subscription = ? AND seq IN ({marks})", [*values, *chunk])
 
     def _expire_leases(self, config: SubscriptionConfig, now: float) -> list[_Tag]:
         """Return expired leases of this subscription to the queue (or give them up)."""
@@ -383,8 +434,8 @@ class _Store:
         acked = 0
         if config.ack is AckPolicy.NONE:
             for tag in tags:
-                if (subscription, tag.lease) in self.unsettled:
-                    self.unsettled.discard((subscription, tag.lease))
+                if (subscription, tag) in self.unsettled:
+                    self.unsettled.discard((subscription, tag))
                     acked += 1
         if config.ack is not AckPolicy.NONE:
             seqs = self._delete_leased(subscription, tags)
@@ -398,9 +449,9 @@ class _Store:
         config = self.configs[subscription]
         for nack in nacks:
             if config.ack is AckPolicy.NONE:
-                if (subscription, nack.tag.lease) not in self.unsettled:
+                if (subscription, nack.tag) not in self.unsettled:
                     continue
-                self.unsettled.discard((subscription, nack.tag.lease))
+                self.unsettled.discard((subscription, nack.tag))
                 self._count(subscription, "dropped")
                 logger.warning("dropped message seq %d of subscription '%s' (ack: none): %s", nack.tag.seq,
                                subscription, nack.error.message if nack.error else "no error recorded")
@@ -479,22 +530,29 @@ class _Store:
 
     def _delete_leased(self, subscription: str, tags: Sequence[_Tag]) -> list[int]:
         """Delete the rows these leases still hold; return their seqs (stale leases delete nothing)."""
+        # Tags of one fetch share a lease number, so an ack of a batch is one statement per
+        # lease and chunk: primary-key lookups by seq, each row's lease checked as it goes.
+        by_lease: dict[int, list[int]] = {}
+        for seq, lease in tags:
+            by_lease.setdefault(lease, []).append(seq)
         seqs: list[int] = []
-        for start in range(0, len(tags), SQL_CHUNK):
-            chunk = tags[start:start + SQL_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            # Primary-key lookups by seq, then the lease compared here: faster than matching
-            # (seq, lease) pairs in SQL.
-            leases_by_seq = dict(self._db.execute(
-                f"SELECT seq, lease FROM deliveries WHERE subscription = ? AND leased = 1 AND seq IN ({marks})",
-                [subscription, *(tag.seq for tag in chunk)],
-            ).fetchall())
-            still_held = [tag.seq for tag in chunk if leases_by_seq.get(tag.seq) == tag.lease]
-            if still_held:
-                marks = ",".join("?" * len(still_held))
-                self._db.execute(f"DELETE FROM deliveries WHERE subscription = ? AND seq IN ({marks})",
-                                 [subscription, *still_held])
-            seqs += still_held
+        for lease, leased_seqs in by_lease.items():
+            for start in range(0, len(leased_seqs), SQL_CHUNK):
+                seqs += self._delete_chunk(subscription, lease, leased_seqs[start:start + SQL_CHUNK])
+        return seqs
+
+    def _delete_chunk(self, subscription: str, lease: int, chunk: list[int]) -> list[int]:
+        marks = ",".join("?" * len(chunk))
+        held = f"subscription = ? AND seq IN ({marks}) AND leased = 1 AND lease = ?"
+        if HAS_RETURNING:
+            return [row[0] for row in self._db.execute(f"DELETE FROM deliveries WHERE {held} RETURNING seq",
+                                                       [subscription, *chunk, lease])]
+
+        seqs = [row[0] for row in self._db.execute(f"SELECT seq FROM deliveries WHERE {held}",
+                                                   [subscription, *chunk, lease])]
+        if seqs:
+            marks = ",".join("?" * len(seqs))
+            self._db.execute(f"DELETE FROM deliveries WHERE subscription = ? AND seq IN ({marks})", [subscription, *seqs])
         return seqs
 
     def _release_messages(self, subscription: str, seqs: list[int]) -> None:
@@ -507,8 +565,9 @@ class _Store:
         for start in range(0, len(seqs), SQL_CHUNK):
             chunk = seqs[start:start + SQL_CHUNK]
             marks = ",".join("?" * len(chunk))
+            # Deleting the last holder's messages first spares them an update.
+            connection.execute(f"DELETE FROM messages WHERE seq IN ({marks}) AND holders <= 1", chunk)
             connection.execute(f"UPDATE messages SET holders = holders - 1 WHERE seq IN ({marks})", chunk)
-            connection.execute(f"DELETE FROM messages WHERE seq IN ({marks}) AND holders <= 0", chunk)
 
     def return_free_pages(self) -> None:
         """Give free pages back every VACUUM_EVERY removals, so the file shrinks after a surge.
@@ -880,10 +939,11 @@ class SqliteBroker(Broker):
         self._arrived[subscription].set()
 
     def _release(self, subscription: str, tags: Sequence[Any]) -> None:
-        leases = self._leases.get(subscription, {})
-        for tag in tags:
-            leases.pop(tag, None)
-            self._released(subscription, tag)
+        leases = self._leases.get(subscription)
+        if leases:
+            for tag in tags:
+                leases.pop(tag, None)
+        self._released_all(subscription, tags)
         self._room.set()
 
     async def stats(self) -> dict[str, Any]:
@@ -902,8 +962,7 @@ class SqliteBroker(Broker):
         if not leases:
             self._timer_changed.set()
         due = self.clock.monotonic() + config.ack_timeout
-        for delivery in deliveries:
-            leases[delivery.tag] = due
+        leases.update(dict.fromkeys([delivery.tag for delivery in deliveries], due))
 
     async def _run_timers(self) -> None:
         # A subscription's ack timeout is fixed, so its lease table (a dict, in fetch order)

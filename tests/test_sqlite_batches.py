@@ -1,0 +1,80 @@
+"""The SQLite backend's batched statements: a fetch leases exactly the rows it returns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flowrun.broker import Nack
+from flowrun.brokers import sqlite as sqlite_backend
+from flowrun.brokers.sqlite import SqliteBroker
+from tests.conftest import make_topology
+from tests.conformance.helpers import SUBSCRIPTION, TOPIC, envelopes, fetch_exactly, subscription, subscription_stats
+
+
+async def test_fetch_skips_delayed_middle_row(tmp_path: Path) -> None:
+    # A fetch leases the ready rows between its first and last seq. A row delayed by a
+    # nack sits among them and must stay delayed.
+    broker = SqliteBroker(tmp_path / "flow.db")
+    await broker.start(make_topology(subscription()))
+    try:
+        await broker.publish(envelopes(3))
+        first, middle, last = await fetch_exactly(broker, SUBSCRIPTION, 3)
+        await broker.nack(SUBSCRIPTION, [Nack(middle.tag, delay=60.0)])
+        await broker.nack(SUBSCRIPTION, [Nack(first.tag, delay=0.0), Nack(last.tag, delay=0.0)])
+
+        again = await fetch_exactly(broker, SUBSCRIPTION, 2)
+        assert [delivery.envelope.body for delivery in again] == [b"0", b"2"]
+        assert [delivery.delivery_count for delivery in again] == [2, 2]
+        assert [delivery.first_delivered_at for delivery in again] == [first.first_delivered_at,
+                                                                       last.first_delivered_at]
+        assert await broker.fetch(SUBSCRIPTION, 10, timeout=0.05) == []
+
+        await broker.ack(SUBSCRIPTION, [delivery.tag for delivery in again])
+        stats = await subscription_stats(broker)
+    finally:
+        await broker.close()
+
+    assert stats["acked"] == 2
+    assert stats["delayed"] == 1
+    assert stats["in_flight"] == 0
+    assert stats["redelivered"] == 2
+
+
+async def test_ack_counts_repeated_tag_once(tmp_path: Path) -> None:
+    broker = SqliteBroker(tmp_path / "flow.db")
+    await broker.start(make_topology(subscription(), subscription("audit")))
+    try:
+        await broker.publish(envelopes(4))
+        deliveries = await fetch_exactly(broker, SUBSCRIPTION, 4)
+        tags = [delivery.tag for delivery in deliveries]
+        await broker.ack(SUBSCRIPTION, [*tags, tags[0]])
+        await broker.ack(SUBSCRIPTION, tags)
+        stats = await subscription_stats(broker)
+        audit = await fetch_exactly(broker, "audit", 4)
+        await broker.ack("audit", [delivery.tag for delivery in audit])
+        settled = await broker.all_settled([SUBSCRIPTION, "audit"])
+    finally:
+        await broker.close()
+
+    assert stats["acked"] == 4
+    assert stats["pending"] == 0
+    assert settled
+    assert [delivery.envelope.topic for delivery in audit] == [TOPIC] * 4
+
+
+async def test_ack_without_returning_clause(tmp_path: Path, monkeypatch) -> None:
+    # SQLite before 3.35 has no DELETE ... RETURNING, so acks select, then delete.
+    monkeypatch.setattr(sqlite_backend, "HAS_RETURNING", False)
+    broker = SqliteBroker(tmp_path / "flow.db")
+    await broker.start(make_topology(subscription()))
+    try:
+        await broker.publish(envelopes(3))
+        deliveries = await fetch_exactly(broker, SUBSCRIPTION, 3)
+        await broker.ack(SUBSCRIPTION, [delivery.tag for delivery in deliveries[:2]])
+        stats = await subscription_stats(broker)
+    finally:
+        await broker.close()
+
+    assert stats["acked"] == 2
+    assert stats["in_flight"] == 1
+    assert stats["pending"] == 0
