@@ -316,9 +316,11 @@ class FetchConsumer:
         """Stop fetching; handlers already dispatched keep running."""
         if self._task is None:
             return
-        # TODO: a cancel that lands while the broker runs the fetch (a SQLite job, a Redis
-        # script, a NATS pull) leases messages that no handler receives, so they wait out
-        # their ack timeout before the next delivery. Let the fetch finish and hand them back.
+        # TODO: on Redis and NATS, a cancel that lands while the server runs the fetch (a
+        # script, a pull) leases messages that no handler receives, so they wait out their
+        # ack timeout before the next delivery. The SQLite broker hands such leases back, the
+        # memory broker leases nothing before its wait ends, and RabbitMQ requeues unacked
+        # messages when the channel closes.
         self._task.cancel()
         try:
             await self._task

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from flowrun.broker import Nack
 from flowrun.brokers import sqlite as sqlite_backend
@@ -78,3 +83,39 @@ async def test_ack_without_returning_clause(tmp_path: Path, monkeypatch) -> None
     assert stats["acked"] == 2
     assert stats["in_flight"] == 1
     assert stats["pending"] == 0
+
+
+async def test_cancelled_fetch_returns_its_leases(tmp_path: Path, monkeypatch) -> None:
+    # A consumer that stops cancels its fetch. When the database thread has leased rows
+    # by then, they must be ready again at once, not after the ack timeout.
+    broker = SqliteBroker(tmp_path / "flow.db")
+    await broker.start(make_topology(subscription(ack_timeout=60.0)))
+    try:
+        await broker.publish(envelopes(3))
+        real_fetch = broker._store.fetch
+        leased = threading.Event()
+
+        def slow_fetch(*args):
+            result = real_fetch(*args)
+            leased.set()
+            time.sleep(0.2)
+            return result
+
+        monkeypatch.setattr(broker._store, "fetch", slow_fetch)
+        fetching = asyncio.create_task(broker.fetch(SUBSCRIPTION, 10, timeout=5.0))
+        await asyncio.to_thread(leased.wait, 5.0)
+        fetching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fetching
+        monkeypatch.setattr(broker._store, "fetch", real_fetch)
+
+        again = await broker.fetch(SUBSCRIPTION, 10, timeout=2.0)
+        stats = await subscription_stats(broker)
+    finally:
+        await broker.close()
+
+    assert [delivery.envelope.body for delivery in again] == [b"0", b"1", b"2"]
+    assert [delivery.delivery_count for delivery in again] == [1, 1, 1]
+    assert stats["delivered"] == 3
+    assert stats["redelivered"] == 0
+    assert stats["in_flight"] == 3

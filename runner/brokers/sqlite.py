@@ -583,6 +583,39 @@ class _Store:
         if free > FREE_PAGES_KEPT:
             self._db.executescript(f"PRAGMA incremental_vacuum({free - FREE_PAGES_KEPT});")
 
+    def unlease(self, subscription: str, tags: Sequence[_Tag]) -> None:
+        """Undo a fetch whose deliveries reached no handler: the rows are ready again, uncounted.
+
+        Under ack: none the rows are gone already, so those messages count as dropped.
+        """
+        config = self.configs[subscription]
+        if config.ack is AckPolicy.NONE:
+            lost = [tag for tag in tags if (subscription, tag) in self.unsettled]
+            self.unsettled.difference_update((subscription, tag) for tag in lost)
+            if lost:
+                self._db.execute("UPDATE subscriptions SET dropped = dropped + ? WHERE name = ?", (len(lost), subscription))
+                logger.warning("dropped %d messages of subscription '%s' (ack: none) that a cancelled fetch had taken",
+                               len(lost), subscription)
+            return
+
+        returned = redelivered = 0
+        for start in range(0, len(tags), SQL_CHUNK):
+            chunk = tags[start:start + SQL_CHUNK]
+            rows = [row for tag in chunk for row in self._db.execute(
+                "SELECT seq, delivery_count FROM deliveries WHERE subscription = ? AND seq = ? AND leased = 1 "
+                "AND lease = ?", (subscription, tag.seq, tag.lease))]
+            self._db.executemany(
+                "UPDATE deliveries SET leased = 0, lease = 0, visible_at = ?, delivery_count = delivery_count - 1, "
+                "first_delivered_at = CASE delivery_count WHEN 1 THEN 0 ELSE first_delivered_at END "
+                "WHERE subscription = ? AND seq = ?",
+                [(self.clock.wall(), subscription, seq) for seq, _ in rows],
+            )
+            returned += len(rows)
+            redelivered += sum(1 for _, count in rows if count > 1)
+        self._db.execute("UPDATE subscriptions SET delivered = delivered - ?, redelivered = redelivered - ? "
+                         "WHERE name = ?", (returned, redelivered, subscription))
+        self.arrivals.add(subscription)
+
     def _count(self, subscription: str, column: str) -> None:
         self._db.execute(f"UPDATE subscriptions SET {column} = {column} + 1 WHERE name = ?", (subscription,))
 
@@ -725,6 +758,8 @@ def _config_json(config: SubscriptionConfig) -> dict[str, Any]:
 class _Job:
     work: Callable[[], Any]
     future: asyncio.Future[Any]
+    # Called with the result when the work succeeded but its caller was cancelled meanwhile.
+    abandoned: Callable[[Any], None] | None = None
 
 
 class SqliteBroker(Broker):
@@ -806,13 +841,16 @@ class SqliteBroker(Broker):
 
     # Group commit: jobs queued in one loop turn run in one transaction.
 
-    async def _write(self, work: Callable[[], Any]) -> Any:
+    async def _write(self, work: Callable[[], Any], abandoned: Callable[[Any], None] | None = None) -> Any:
         if self._writer is None:
             raise BrokerError("the SQLite broker is closed")
+        return await self._queue_job(work, abandoned)
+
+    def _queue_job(self, work: Callable[[], Any], abandoned: Callable[[Any], None] | None = None) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(work, future))
+        self._jobs.append(_Job(work, future, abandoned))
         self._wake_writer.set()
-        return await future
+        return future
 
     async def _run_writer(self) -> None:
         while True:
@@ -834,6 +872,8 @@ class SqliteBroker(Broker):
             self._wake_arrivals()
             for job, (ok, value) in zip(jobs, results):
                 if job.future.done():
+                    if ok and job.abandoned is not None:
+                        job.abandoned(value)
                     continue
                 if ok:
                     job.future.set_result(value)
@@ -896,7 +936,10 @@ class SqliteBroker(Broker):
         deadline = self.clock.monotonic() + timeout
         while not self._closed:
             arrived.clear()
-            deliveries, next_due, expired = await self._write(lambda: self._store.fetch(subscription, max_messages))
+            deliveries, next_due, expired = await self._write(
+                lambda: self._store.fetch(subscription, max_messages),
+                abandoned=lambda result: self._give_back(subscription, result[0], result[2]),
+            )
             self._release(subscription, expired)
             if deliveries:
                 self._track_leases(subscription, deliveries)
@@ -910,6 +953,27 @@ class SqliteBroker(Broker):
                 remaining = min(remaining, max(next_due - self.clock.wall(), 0.0))
             await self._wait_for_change(arrived, remaining)
         return []
+
+    def _give_back(self, subscription: str, deliveries: list[Delivery], expired: list[_Tag]) -> None:
+        """Return the leases of a fetch whose caller was cancelled (a consumer stopping).
+
+        No handler received these deliveries, so they become ready at once instead of
+        waiting out their ack timeout. The job is queued before the writer goes idle, so
+        `close` runs it too.
+        """
+        self._release(subscription, expired)
+        if not deliveries:
+            return
+        tags = [delivery.tag for delivery in deliveries]
+        future = self._queue_job(lambda: self._store.unlease(subscription, tags))
+        future.add_done_callback(lambda done: self._log_give_back(subscription, len(tags), done))
+
+    def _log_give_back(self, subscription: str, count: int, done: asyncio.Future[Any]) -> None:
+        if done.cancelled() or done.exception() is None:
+            logger.debug("returned %d deliveries of '%s' that a cancelled fetch had leased", count, subscription)
+            return
+        logger.warning("returning %d deliveries of '%s' that a cancelled fetch had leased failed, so they wait "
+                       "for their ack timeout: %s", count, subscription, done.exception())
 
     async def _wait_for_change(self, event: asyncio.Event, timeout: float | None) -> None:
         """Wait for a local signal, for `timeout`, or for a commit by another process."""
