@@ -316,11 +316,12 @@ class FetchConsumer:
         """Stop fetching; handlers already dispatched keep running."""
         if self._task is None:
             return
-        # TODO: on Redis and NATS, a cancel that lands while the server runs the fetch (a
-        # script, a pull) leases messages that no handler receives, so they wait out their
-        # ack timeout before the next delivery. The SQLite broker hands such leases back, the
-        # memory broker leases nothing before its wait ends, and RabbitMQ requeues unacked
-        # messages when the channel closes.
+        # TODO: on Redis, a cancel that lands while the server runs the fetch script leases
+        # entries that no handler receives, so they wait out their ack timeout before the
+        # next delivery. The SQLite broker hands such leases back, the NATS broker naks the
+        # messages it received but did not hand out when it closes, the memory broker
+        # leases nothing before its wait ends, and RabbitMQ requeues unacked messages when
+        # the channel closes.
         self._task.cancel()
         try:
             await self._task

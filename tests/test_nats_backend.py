@@ -458,3 +458,24 @@ async def test_close_fails_waiting_publish(open_broker):
 
     with pytest.raises(BrokerError):
         await asyncio.wait_for(blocked, WAIT_SECONDS)
+
+
+async def test_close_returns_messages_no_fetch_took(open_broker):
+    # A fetch cancelled by a stop leaves what the server sent in the puller's buffer.
+    # Closing naks it, so the next process gets it at once, not after the ack timeout.
+    config = subscription(ack_timeout=60.0)
+    stopping = await open_broker(config)
+    await stopping.publish([envelope(body=b"1"), envelope(body=b"2")])
+    puller = stopping._subscription("billing").puller
+    await puller._request({"batch": 2, "no_wait": True}, 2, time.monotonic() + WAIT_SECONDS)
+    buffered = len(puller.buffer)
+    await stopping.close()
+
+    restarted = await open_broker(config)
+    again: list[Delivery] = []
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(again) < 2 and time.monotonic() < deadline:
+        again += await restarted.fetch("billing", 10, timeout=deadline - time.monotonic())
+
+    assert buffered == 2
+    assert sorted(delivery.envelope.body for delivery in again) == [b"1", b"2"]

@@ -378,7 +378,9 @@ class NatsBroker(Broker):
     async def close(self) -> None:
         """Stop timers and waiting fetches and publishes, then close the connection.
 
-        Unsettled deliveries stay with the server, which redelivers them after their ack wait.
+        Messages that arrived for a fetch but were never handed out are returned with a
+        nak, so the server redelivers them at once. Deliveries handed out and still
+        unsettled stay with the server, which redelivers them after their ack wait.
         """
         self._closed = True
         for state in self._subscriptions.values():
@@ -397,9 +399,25 @@ class NatsBroker(Broker):
             return
         try:
             async with asyncio.timeout(CLOSE_SECONDS):
+                await self._return_unfetched(client)
                 await client.close()
         except (nats.errors.Error, OSError, TimeoutError) as error:
             logger.warning("closing the connection to %s failed: %s", redact_url(self.url), self._describe(error))
+
+    async def _return_unfetched(self, client: Client) -> None:
+        """Nak the messages waiting in the pullers' buffers: a fetch cancelled by a stop left them."""
+        returned = 0
+        for state in self._subscriptions.values():
+            puller = state.puller
+            if puller is None:
+                continue
+            while puller.buffer:
+                message, _ = puller.buffer.popleft()
+                await client.publish(message.reply, _nak(0.0))
+                returned += 1
+        if returned:
+            await client.flush()
+            logger.info("returned %d messages that no fetch handed out", returned)
 
     async def delete_flow_resources(self) -> None:
         """Delete the flow's streams (with their consumers) and its producer bucket."""
