@@ -37,6 +37,7 @@ from flowrun.problems import Problem
 from flowrun.inspect_cli import DlqAction, print_dead_letters, print_status, with_broker
 from flowrun.loader import load_flow
 from flowrun.logs import configure_logging
+from flowrun.plugins import abandoned_calls
 from flowrun.plugins import installed_plugins
 from flowrun.report import print_summary, summary_table, write_report
 from flowrun.runtime import FlowRuntime, RunResult
@@ -143,7 +144,25 @@ def up(
         write_report(result.report, report)
     for failure in result.failures:
         _print_error(failure)
+    _exit_without_stuck_threads(1 if result.failures else 0)
     raise typer.Exit(1 if result.failures else 0)
+
+
+def _exit_without_stuck_threads(code: int) -> None:
+    """Exit at once when sync handler calls still run on threads that were given up on.
+
+    Python waits for every thread pool's threads at exit, so one stuck handler call
+    would keep the process alive forever after the flow stopped.
+    """
+    stuck = abandoned_calls()
+    if not stuck:
+        return
+    stderr.print(f"exiting without waiting for {stuck} sync handler call(s) still running past their "
+                 "handler_timeout or the shutdown_timeout; what they return is ignored",
+                 highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @app.command()

@@ -14,13 +14,21 @@ import inspect
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from flowrun.errors import PluginError
 
 logger = logging.getLogger(__name__)
+
+# Sync calls whose threads still run after their caller gave up on them.
+_abandoned: set[Future[Any]] = set()
+
+
+def abandoned_calls() -> int:
+    """Return how many abandoned sync calls still run on their threads."""
+    return len(_abandoned)
 
 ENTRY_POINT_GROUP = "flowrun.plugins"
 
@@ -114,9 +122,29 @@ class Invoker:
     async def _run_in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix=f"flowrun-{self._name}")
-        loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        return await loop.run_in_executor(self._executor, lambda: context.run(function, *args))
+        call = self._executor.submit(context.run, function, *args)
+        try:
+            return await asyncio.wrap_future(call)
+        except asyncio.CancelledError:
+            if not call.cancel():
+                self._abandon(call)
+            raise
+
+    def _abandon(self, call: Future[Any]) -> None:
+        """Give up on a call whose thread still runs it (a timeout or a stop cancelled the wait).
+
+        The pool has one thread per concurrent call, so later calls would queue behind the
+        stuck thread, and their own timeouts would run out while they wait. They get a new
+        pool instead, and the old one ends once its threads return.
+        """
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        _abandoned.add(call)
+        call.add_done_callback(_abandoned.discard)
+        logger.warning("a call of '%s' is still running on its thread after its wait was cancelled; later calls "
+                       "run on new threads", self._name)
 
     def shutdown(self) -> None:
         if self._executor is not None:

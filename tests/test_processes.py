@@ -130,3 +130,52 @@ def test_second_interrupt_stops_at_once(tmp_path: Path) -> None:
     assert time.monotonic() - started < 20
     assert "press Ctrl-C again" in error_output
     assert "stopping now" in error_output
+
+
+STUCK_PLUGIN = """
+import threading
+
+def numbers(context):
+    for number in range(10):
+        yield {"n": number}
+
+def handle(message, context):
+    if message.payload["n"] == 3:
+        threading.Event().wait()
+"""
+
+STUCK_FLOW = """
+name: stuck
+broker:
+  backend: sqlite
+  path: stuck.db
+topics:
+  Numbers:
+producers:
+  source:
+    plugin: stuckplugin:numbers
+    publishes: [Numbers]
+subscribers:
+  worker:
+    topic: Numbers
+    plugin: stuckplugin:handle
+    handler_timeout: 1s
+    max_deliveries: 2
+"""
+
+
+def test_stuck_sync_handler_blocks_nothing(tmp_path: Path) -> None:
+    # One call never returns. The other nine messages must still be handled (their
+    # calls must not queue behind the stuck thread), and the process must exit.
+    (tmp_path / "stuckplugin.py").write_text(STUCK_PLUGIN, encoding="utf-8")
+    (tmp_path / "flow.yaml").write_text(STUCK_FLOW, encoding="utf-8")
+
+    result = run_flowrun("up", "flow.yaml", "--until-drained", "--no-progress", "--report", "report.json",
+                         cwd=tmp_path, timeout=60)
+    worker = read_report(tmp_path / "report.json")["subscriptions"]["worker"]
+
+    assert result.returncode == 0
+    assert worker["acked"] == 9
+    assert worker["dropped"] == 1
+    assert worker["delivered"] == 11
+    assert "exiting without waiting for 2 sync handler call(s)" in result.stderr
