@@ -195,8 +195,10 @@ class _Store:
     def publish(self, envelopes: Sequence[Envelope], bounded: bool = True) -> int:
         """Store envelopes in order; return how many were stored (or skipped as repeats).
 
-        Stops at the first envelope that would overfill a subscription; the caller waits for
-        room and publishes the rest. Ids already seen within the dedup window are skipped.
+        Stops at the first envelope that would overfill a subscription, and the caller
+        publishes the rest once there is room. A full subscription whose topic rejects on
+        full raises only for the first envelope, so the envelopes before it are stored.
+        Ids already seen within the dedup window are skipped.
         """
         seen = self._seen_ids([envelope.id for envelope in envelopes if envelope.dedupe])
         room: dict[str, int] = {}
@@ -209,7 +211,7 @@ class _Store:
                 continue
 
             holders = self.by_topic.get(envelope.topic, [])
-            if bounded and holders and not self._take_room(envelope.topic, holders, room):
+            if bounded and holders and not self._take_room(envelope.topic, holders, room, first=index == 0):
                 stored = index
                 break
 
@@ -233,15 +235,18 @@ class _Store:
                                       ).fetchone()
         return int(largest) + 1
 
-    def _take_room(self, topic: str, holders: list[SubscriptionConfig], room: dict[str, int]) -> bool:
-        """Take room for one message in every holder; return False, taking none, if one is full."""
+    def _take_room(self, topic: str, holders: list[SubscriptionConfig], room: dict[str, int], first: bool) -> bool:
+        """Take room for one message in every holder; return False, taking none, if one is full.
+
+        Raises QueueFullError for the `first` envelope of a call when a full holder rejects.
+        """
         for config in holders:
             if config.name not in room:
                 (size,) = self._db.execute("SELECT size FROM subscriptions WHERE name = ?", (config.name,)).fetchone()
                 room[config.name] = config.max_pending - size
             if room[config.name] > 0:
                 continue
-            if config.on_full is OnFull.REJECT:
+            if config.on_full is OnFull.REJECT and first:
                 raise QueueFullError(
                     f"subscription '{config.name}' of topic '{topic}' has {config.max_pending} unsettled messages, "
                     "its max_pending; retry later or raise max_pending"
@@ -920,7 +925,7 @@ class SqliteBroker(Broker):
             self._room.clear()
             stored = await self._write(lambda batch=remaining: self._store.publish(batch))
             remaining = remaining[stored:]
-            if remaining:
+            if remaining and not stored:
                 await self._wait_for_change(self._room, None)
 
     def _wake_arrivals(self) -> None:

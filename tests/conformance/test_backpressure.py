@@ -132,3 +132,18 @@ async def test_mixed_batch_waits_at_full_subscription(broker_factory):
     assert [delivery.envelope.body for delivery in refunds] == [b"2", b"4", b"6"]
     assert await published_count(broker, "Orders") == 3
     assert await published_count(broker, "Refunds") == 3
+
+
+async def test_rejecting_batch_stores_what_fits(broker_factory):
+    # Three messages published at once into room for two: the first two are stored,
+    # the third is rejected, as if they were published one by one.
+    broker = await broker_factory(subscription(max_pending=2, on_full=OnFull.REJECT))
+
+    with pytest.raises(QueueFullError) as raised:
+        await broker.publish(envelopes(3))
+    stored = await fetch_exactly(broker, SUBSCRIPTION, 2)
+
+    assert await published_count(broker, "Orders") == 2
+    assert [delivery.envelope.body for delivery in stored] == [b"0", b"1"]
+    assert "'billing'" in str(raised.value)
+    assert "max_pending" in str(raised.value)
