@@ -912,16 +912,17 @@ class NatsBroker(Broker):
         return leases
 
     async def _ack_all(self, replies: Sequence[str]) -> None:
-        """Publish acks without a reply each, then wait for the server to have read them all.
+        """Publish acks without a reply, the last one as a request, and wait for its reply.
 
-        A flush (PING, then the server's PONG) returns once the server processed every
-        earlier message of this connection, so one round trip covers the whole batch.
-        Acks sent as requests cost a reply subscription and a reply per ack.
+        The consumer applies acks in the order they arrive and replies to the last one once
+        it applied it, so one round trip covers the whole batch, and the consumer's counts
+        include every ack when this returns. (A flush only shows that the server read the
+        acks, and the consumer applies them later.) Acks sent as requests each cost a reply.
         """
         client = self._connected
-        for reply in replies:
+        for reply in replies[:-1]:
             await client.publish(reply, ACK)
-        await client.flush(timeout=SETTLE_TIMEOUT_SECONDS)
+        await client.request(replies[-1], ACK, timeout=SETTLE_TIMEOUT_SECONDS)
 
     async def _settle(self, replies: Sequence[str], payload: bytes) -> None:
         """Send acks (or naks, terms) as requests, so they are applied when this returns."""
