@@ -173,6 +173,14 @@ class Broker(abc.ABC):
     async def nack(self, subscription: str, nacks: Sequence[Nack]) -> None:
         """Redeliver later, or dead-letter or drop once the deliveries are used up."""
 
+    async def give_back(self, subscription: str, tags: Sequence[Any]) -> None:
+        """Return deliveries that no handler received, because their consumer is stopping.
+
+        By default this is a nack without delay, so the next delivery counts as a
+        redelivery. Backends that can undo a delivery override it.
+        """
+        await self.nack(subscription, [Nack(tag, delay=0.0) for tag in tags])
+
     @abc.abstractmethod
     async def stats(self) -> dict[str, Any]:
         """Counters in the report shape: topics with published, subscriptions with counts."""
@@ -318,10 +326,10 @@ class FetchConsumer:
             return
         # TODO: on Redis, a cancel that lands while the server runs the fetch script leases
         # entries that no handler receives, so they wait out their ack timeout before the
-        # next delivery. The SQLite broker hands such leases back, the NATS broker naks the
-        # messages it received but did not hand out when it closes, the memory broker
-        # leases nothing before its wait ends, and RabbitMQ requeues unacked messages when
-        # the channel closes.
+        # next delivery. The other backends avoid this. The SQLite broker hands such leases
+        # back. The NATS broker naks, when it closes, the messages it received but did not
+        # hand out. The memory broker leases nothing before its wait ends, and RabbitMQ
+        # requeues unacked messages when the channel closes.
         self._task.cancel()
         try:
             await self._task

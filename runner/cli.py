@@ -58,6 +58,8 @@ stderr = Console(stderr=True)
 PROGRESS_SECONDS = 0.5
 # Exit status after a second interrupt: 128 + SIGINT, as shells report it.
 EXIT_INTERRUPTED = 130
+# How long the process waits at exit for sync handler calls that were given up on.
+STUCK_CALL_GRACE_SECONDS = 1.0
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="Log level: debug, info, warning or error.")]
 
@@ -154,7 +156,7 @@ def _exit_without_stuck_threads(code: int) -> None:
     Python waits for every thread pool's threads at exit, so one stuck handler call
     would keep the process alive forever after the flow stopped.
     """
-    stuck = abandoned_calls()
+    stuck = abandoned_calls(wait=STUCK_CALL_GRACE_SECONDS)
     if not stuck:
         return
     stderr.print(f"exiting without waiting for {stuck} sync handler call(s) still running past their "

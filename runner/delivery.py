@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from flowrun.broker import Broker, ErrorInfo, FetchConsumer, FetchFailures, Nack, SubscriptionConfig, fetch_or_back_off
 from flowrun.context import Context, HandlerCall, current_call
-from flowrun.errors import HopLimitError, PayloadError, UndeclaredTopicError
+from flowrun.errors import BrokerError, HopLimitError, PayloadError, UndeclaredTopicError
 from flowrun.logs import RepeatLimiter
 from flowrun.message import ACKED, HOPS_HEADER, Delivery, Message, Outcome, loop_call
 from flowrun.plugins import Handler, Invoker
@@ -197,9 +197,14 @@ class SubscriptionWorker:
             self._pull_task = None
 
     async def finish(self, timeout: float) -> int:
-        """Let queued and running deliveries finish within `timeout`; return how many did not."""
+        """Hand back deliveries not started, let running ones finish within `timeout`.
+
+        Returns how many running deliveries did not finish in time. Call it after
+        `stop_fetching`, so no new delivery arrives meanwhile.
+        """
         deadline = self.broker.clock.monotonic() + timeout
         self._finishing = True
+        await self._give_back_waiting()
         while self._ready or self.active:
             remaining = deadline - self.broker.clock.monotonic()
             if remaining <= 0:
@@ -213,11 +218,20 @@ class SubscriptionWorker:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
 
-        # Fetched but never started: hand them back at once instead of waiting for the ack timeout.
-        while self._ready:
-            delivery, _ = self._ready.popleft()
-            self.batcher.nack(Nack(delivery.tag, delay=0.0))
+        await self._give_back_waiting()
         return unfinished
+
+    async def _give_back_waiting(self) -> None:
+        """Return the fetched deliveries that no worker started, instead of letting them wait out their lease."""
+        tags = [delivery.tag for delivery, _ in self._ready]
+        self._ready.clear()
+        if not tags:
+            return
+        try:
+            await self.broker.give_back(self.name, tags)
+        except BrokerError as error:
+            logger.warning("returning %d fetched messages of '%s' failed, so they are delivered again after "
+                           "their ack timeout: %s", len(tags), self.name, error)
 
     @property
     def idle(self) -> bool:

@@ -14,6 +14,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ logger = logging.getLogger(__name__)
 _abandoned: set[Future[Any]] = set()
 
 
-def abandoned_calls() -> int:
-    """Return how many abandoned sync calls still run on their threads."""
+def abandoned_calls(wait: float = 0.0) -> int:
+    """Return how many abandoned sync calls still run on their threads, after waiting up to `wait` seconds."""
+    if wait > 0 and _abandoned:
+        futures.wait(list(_abandoned), timeout=wait)
     return len(_abandoned)
 
 ENTRY_POINT_GROUP = "flowrun.plugins"
@@ -143,8 +146,8 @@ class Invoker:
             self._executor = None
         _abandoned.add(call)
         call.add_done_callback(_abandoned.discard)
-        logger.warning("a call of '%s' is still running on its thread after its wait was cancelled; later calls "
-                       "run on new threads", self._name)
+        logger.warning("a call of '%s' still runs on its thread after its caller stopped waiting for it "
+                       "(handler_timeout or shutdown); later calls get new threads", self._name)
 
     def shutdown(self) -> None:
         if self._executor is not None:

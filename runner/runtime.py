@@ -345,7 +345,7 @@ class FlowRuntime:
         results = await asyncio.gather(*(worker.finish(timeout) for worker in self.workers.values()))
         unfinished = sum(results)
         if unfinished:
-            logger.warning("stopped %d deliveries still running or queued after %gs; they stay unacked "
+            logger.warning("stopped %d handler calls still running after %gs; their messages stay unacked "
                            "and are delivered again", unfinished, timeout)
 
     async def _close_plugins(self) -> None:

@@ -1464,3 +1464,58 @@ async def test_fetch_failure_does_not_stop_consumer() -> None:
     await broker.close()
 
     assert broker.calls >= 2
+
+
+async def test_stop_hands_back_unstarted_deliveries(folder):
+    # The first five calls are quick, so the push window grows and the consumer fetches
+    # far ahead. The sixth call waits until the test opens the gate after asking to
+    # stop. The running call finishes; the fetched ones that never started go back at
+    # once instead of being handled during the stop or waiting out their lease.
+    source = folder.plugin("source", NUMBERS_PRODUCER)
+    gated = folder.plugin("gated", """
+        import asyncio
+
+        gate = asyncio.Event()
+        handled = []
+
+        async def handle(message, context):
+            if message.payload >= 5:
+                await gate.wait()
+            handled.append(message.payload)
+    """)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {source}:numbers
+            publishes: [Orders]
+            with:
+              count: 40
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {gated}:handle
+            max_in_flight: 20
+            ack_timeout: 30s
+    """)
+
+    runtime = FlowRuntime(load_flow(folder.flow_path))
+    await runtime.start()
+    try:
+        await wait_for_stats(runtime, lambda report: counts_of(report, "billing")["in_flight"] >= 10)
+    finally:
+        stopping = asyncio.create_task(runtime.stop())
+        await asyncio.sleep(0.2)
+        module(gated).gate.set()
+        result = await asyncio.wait_for(stopping, RUN_TIMEOUT)
+    billing = counts_of(result.report, "billing")
+
+    assert module(gated).handled == [0, 1, 2, 3, 4, 5]
+    assert billing["acked"] == 6
+    assert billing["in_flight"] == 0
+    assert billing["pending"] == 34
+    if folder.backend == "sqlite":
+        # SQLite undoes the deliveries it hands back, so they do not count as delivered.
+        assert billing["delivered"] == 6
+        assert billing["redelivered"] == 0

@@ -1002,6 +1002,11 @@ class SqliteBroker(Broker):
             # The next message of an acked key may be ready now.
             self._arrived[subscription].set()
 
+    async def give_back(self, subscription: str, tags: Sequence[Any]) -> None:
+        """Undo deliveries that no handler received: ready again at once, and not counted."""
+        await self._write(lambda: self._store.unlease(subscription, tags))
+        self._release(subscription, tags)
+
     async def nack(self, subscription: str, nacks: Sequence[Nack]) -> None:
         await self._write(lambda: self._store.nack(subscription, nacks))
         self._release(subscription, [nack.tag for nack in nacks])
