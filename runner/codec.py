@@ -29,7 +29,8 @@ def encode(payload: Any, topic: str) -> bytes:
     except TypeError as error:
         raise PayloadError(
             f"payload for topic '{topic}' cannot be encoded as JSON: {error}; "
-            "publish dicts, lists, strings, numbers, booleans, None, Decimal or datetime"
+            "publish dicts, lists, tuples, sets, strings, numbers, booleans, None, Decimal, datetime "
+            "or pydantic models"
         ) from None
 
 

@@ -52,7 +52,8 @@ def explain_flow(flow: LoadedFlow) -> list[Guarantee]:
         elif sub.concurrency == 1 and (sub.mode.value == "pull" or sub.effective_max_in_flight == 1):
             ordering = "publish order until a retry reorders"
         else:
-            ordering = f"none ({sub.concurrency} concurrent handler calls)"
+            calls = "call" if sub.concurrency == 1 else "calls"
+            ordering = f"none ({sub.concurrency} concurrent handler {calls})"
 
         if sub.dead_letter:
             after = f"dead-lettered to '{sub.dead_letter}'"
