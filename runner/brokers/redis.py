@@ -684,6 +684,7 @@ class RedisBroker(Broker):
         self._trimmed_at = -math.inf
         self._errors = RepeatLimiter(logger, clock)
         self._closed = False
+        self._started = False
 
     @classmethod
     def from_spec(cls, spec: BrokerSpec, options: RedisOptions, flow_path: Path, flow_name: str,
@@ -700,6 +701,7 @@ class RedisBroker(Broker):
         self._check_max_length()
         await self._connect()
         await self._declare()
+        self._started = True
         self._timer_task = asyncio.create_task(self._run_timers(), name="flowrun-redis-timers")
         logger.info("redis broker on %s started flow '%s' as consumer %s", redact_url(self.url), self.flow_name,
                     self.consumer)
@@ -725,7 +727,9 @@ class RedisBroker(Broker):
         if self._client is None:
             return
         try:
-            await self._release_consumers()
+            # A broker that never started created no consumer (and may have no connection).
+            if self._started:
+                await self._release_consumers()
         except BrokerError as error:
             logger.warning("could not remove consumer %s from the flow's groups: %s", self.consumer, error)
         self._errors.flush()
@@ -1448,7 +1452,8 @@ class RedisBroker(Broker):
 
     def _error(self, action: str, error: RedisError) -> BrokerError:
         """Build the BrokerError for a failed client call, with the URL and any password redacted."""
-        detail = str(error)
+        # The hint follows after a semicolon, so the client's closing period goes.
+        detail = str(error).rstrip(".")
         if self._password:
             detail = detail.replace(self._password, "***")
         if isinstance(error, AuthenticationError) or "WRONGPASS" in detail or "NOAUTH" in detail:
