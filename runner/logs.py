@@ -57,3 +57,7 @@ def configure_logging(level: str, use_rich: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if level.upper() != "DEBUG":
+        # aiormq logs every failed connection attempt as an error of its own. flowrun
+        # reports the failure once, with the URL's password hidden and what to check.
+        logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
