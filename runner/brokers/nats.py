@@ -591,7 +591,10 @@ class NatsBroker(Broker):
             )
         if changes:
             await js.add_consumer(self.stream, expected)
-            logger.warning("updated consumer %s of stream %s: %s", state.consumer, self.stream,
+            # The consumer's numbers derive from the flow's: ack_wait adds a grace period to
+            # ack_timeout, and max_deliver allows one delivery more than max_deliveries.
+            logger.warning("updated consumer %s of stream %s to the changed settings of subscription '%s' "
+                           "(server values: %s)", state.consumer, self.stream, state.config.name,
                            _describe_changes(changes))
 
     async def _producer_bucket(self, create: bool) -> KeyValue | None:
