@@ -333,7 +333,6 @@ class FlowRuntime:
             gc.unfreeze()
             gc.set_threshold(*self._gc_thresholds)
             self._frozen = False
-        self._gc_thresholds: tuple[int, ...] = gc.get_threshold()
         return RunResult(report, list(self.failures))
 
     async def _finish_handlers(self) -> None:
