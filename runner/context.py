@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from flowrun.clock import Clock
 from flowrun.errors import UndeclaredTopicError
 from flowrun.message import HOPS_HEADER
 
-PublishFunction = Callable[[str, Any, str | None, dict[str, str] | None, str | None], Awaitable[str]]
+PublishFunction = Callable[[str, Any, str | None, dict[str, str] | None, str | None], Coroutine[Any, Any, str]]
 
 class HandlerCall:
     """The handler call running in the current task: its message's hops and the publishes it started.

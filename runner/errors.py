@@ -17,6 +17,7 @@ Errors that concern a place in a flow file carry `path`, `line` and `column` and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -50,8 +51,8 @@ class FlowFileError(FlowrunError):
 class FlowValidationError(FlowrunError):
     """A flow with errors found by `validate`; `problems` lists every one."""
 
-    def __init__(self, problems: list[object]) -> None:
-        self.problems = problems
+    def __init__(self, problems: Sequence[object]) -> None:
+        self.problems = list(problems)
         super().__init__("\n".join(str(problem) for problem in problems))
 
 

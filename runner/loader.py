@@ -58,9 +58,9 @@ def read_flow(path: str | Path) -> tuple[LoadedFlow | None, list[Problem]]:
         return None, [problems.error(error.location, error.message)]
 
     if not isinstance(document, dict):
-        found = "an empty file" if document is None else _kind_of(document)
+        kind = "an empty file" if document is None else _kind_of(document)
         location = Location(display_path, 1, 1)
-        return None, [problems.error(location, f"a flow file must be a YAML mapping with a 'topics' key, found {found}")]
+        return None, [problems.error(location, f"a flow file must be a YAML mapping with a 'topics' key, found {kind}")]
 
     found = _check_names(document, display_path)
     try:

@@ -52,11 +52,11 @@ class TopicSchema:
             return
 
         assert self._validator is not None
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(orjson.loads(body)))
-        if error is not None:
-            field = ".".join(str(part) for part in error.absolute_path) or "(payload)"
+        mismatch = jsonschema.exceptions.best_match(self._validator.iter_errors(orjson.loads(body)))
+        if mismatch is not None:
+            field = ".".join(str(part) for part in mismatch.absolute_path) or "(payload)"
             raise PayloadError(f"payload for topic '{self.topic}' does not match {self.reference}: "
-                               f"field '{field}': {error.message}")
+                               f"field '{field}': {mismatch.message}")
 
 
 def describe_validation_error(error: ValidationError) -> str:

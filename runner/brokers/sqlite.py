@@ -13,6 +13,7 @@ arrive in the same event-loop turn share one transaction (group commit).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
@@ -923,7 +924,7 @@ class SqliteBroker(Broker):
         while remaining:
             # Cleared before the attempt, so only a settlement after it wakes the retry.
             self._room.clear()
-            stored = await self._write(lambda batch=remaining: self._store.publish(batch))
+            stored = await self._write(functools.partial(self._store.publish, remaining))
             remaining = remaining[stored:]
             if remaining and not stored:
                 await self._wait_for_change(self._room, None)
@@ -1056,7 +1057,7 @@ class SqliteBroker(Broker):
                 for tag in tags:
                     del leases[tag]
                 if tags:
-                    expired = await self._write(lambda s=subscription, t=tags: self._store.expire(s, t))
+                    expired = await self._write(functools.partial(self._store.expire, subscription, tags))
                     self._release(subscription, expired)
                     if expired:
                         self._arrived[subscription].set()
