@@ -179,7 +179,8 @@ class Broker(abc.ABC):
         By default this is a nack without delay, so the next delivery counts as a
         redelivery. Backends that can undo a delivery override it.
         """
-        await self.nack(subscription, [Nack(tag, delay=0.0) for tag in tags])
+        error = ErrorInfo("flowrun.Stopped", "fetched, but its consumer stopped before a handler took it")
+        await self.nack(subscription, [Nack(tag, delay=0.0, error=error) for tag in tags])
 
     @abc.abstractmethod
     async def stats(self) -> dict[str, Any]:

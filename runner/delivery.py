@@ -177,13 +177,24 @@ class SubscriptionWorker:
             for index in range(self.spec.concurrency)
         ]
         if self.spec.mode is DeliveryMode.PUSH:
-            self._consumer = self.broker.consume(self.name, self._enqueue, self.spec.effective_max_in_flight)
+            window = self._fetch_limit(self.spec.effective_max_in_flight)
+            self._consumer = self.broker.consume(self.name, self._enqueue, window)
             # No delivery waits for a worker until the handler's speed is known.
             self._consumer.set_limit(self.spec.concurrency)
         else:
             self._pull_task = asyncio.create_task(self._pull_loop(), name=f"flowrun-pull-{self.name}")
         logger.info("subscriber '%s' started on topic '%s' (%s, ack %s)", self.name, self.spec.topic,
                     self.spec.mode.value, self.spec.ack.value)
+
+    def _fetch_limit(self, limit: int) -> int:
+        """Cap how many deliveries may wait here: under ack: none, only what workers can start now.
+
+        The broker removes an `ack: none` message as it delivers it, so one that waits here
+        when the flow stops cannot go back and is lost.
+        """
+        if self.config.ack is AckPolicy.NONE:
+            return self.spec.concurrency
+        return limit
 
     async def stop_fetching(self) -> None:
         if self._consumer is not None:
@@ -301,7 +312,7 @@ class SubscriptionWorker:
     async def _pull_loop(self) -> None:
         # Fetched messages wait for a free worker, so a batch larger than the concurrency
         # is handled a few at a time while its leases run.
-        capacity = max(self.spec.batch_size, self.spec.concurrency)
+        capacity = self._fetch_limit(max(self.spec.batch_size, self.spec.concurrency))
         while True:
             free = capacity - self._pulled
             if free <= 0:

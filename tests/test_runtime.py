@@ -1519,3 +1519,52 @@ async def test_stop_hands_back_unstarted_deliveries(folder):
         # SQLite undoes the deliveries it hands back, so they do not count as delivered.
         assert billing["delivered"] == 6
         assert billing["redelivered"] == 0
+
+
+async def test_stop_loses_nothing_under_ack_none(folder):
+    # Under ack: none the broker forgets a message as it delivers it, so the worker may
+    # fetch only what its handler calls take at once. A stop then loses nothing fetched.
+    source = folder.plugin("source", NUMBERS_PRODUCER)
+    gated = folder.plugin("gated", """
+        import asyncio
+
+        gate = asyncio.Event()
+        handled = []
+
+        async def handle(message, context):
+            if message.payload >= 5:
+                await gate.wait()
+            handled.append(message.payload)
+    """)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {source}:numbers
+            publishes: [Orders]
+            with:
+              count: 40
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {gated}:handle
+            ack: none
+    """)
+
+    runtime = FlowRuntime(load_flow(folder.flow_path))
+    await runtime.start()
+    try:
+        await wait_for_stats(runtime, lambda report: counts_of(report, "billing")["delivered"] >= 6)
+        await asyncio.sleep(0.2)
+    finally:
+        stopping = asyncio.create_task(runtime.stop())
+        await asyncio.sleep(0.2)
+        module(gated).gate.set()
+        result = await asyncio.wait_for(stopping, RUN_TIMEOUT)
+    billing = counts_of(result.report, "billing")
+
+    assert module(gated).handled == [0, 1, 2, 3, 4, 5]
+    assert billing["delivered"] == 6
+    assert billing["dropped"] == 0
+    assert billing["pending"] == 34

@@ -600,8 +600,8 @@ class _Store:
             self.unsettled.difference_update((subscription, tag) for tag in lost)
             if lost:
                 self._db.execute("UPDATE subscriptions SET dropped = dropped + ? WHERE name = ?", (len(lost), subscription))
-                logger.warning("dropped %d messages of subscription '%s' (ack: none) that a cancelled fetch had taken",
-                               len(lost), subscription)
+                logger.warning("dropped %d messages of subscription '%s' (ack: none): fetched, but their consumer "
+                               "stopped before a handler took them", len(lost), subscription)
             return
 
         returned = redelivered = 0
