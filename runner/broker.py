@@ -326,11 +326,8 @@ class FetchConsumer:
         if self._task is None:
             return
         # TODO: on Redis, a cancel that lands while the server runs the fetch script leases
-        # entries that no handler receives, so they wait out their ack timeout before the
-        # next delivery. The other backends avoid this. The SQLite broker hands such leases
-        # back. The NATS broker naks, when it closes, the messages it received but did not
-        # hand out. The memory broker leases nothing before its wait ends, and RabbitMQ
-        # requeues unacked messages when the channel closes.
+        # entries that no handler receives, so they wait out their ack timeout. The other
+        # backends hand such messages back or lease nothing before their wait ends.
         self._task.cancel()
         try:
             await self._task

@@ -37,8 +37,7 @@ from flowrun.problems import Problem
 from flowrun.inspect_cli import DlqAction, print_dead_letters, print_status, with_broker
 from flowrun.loader import load_flow
 from flowrun.logs import configure_logging
-from flowrun.plugins import abandoned_calls
-from flowrun.plugins import installed_plugins
+from flowrun.plugins import abandoned_calls, installed_plugins
 from flowrun.report import print_summary, summary_table, write_report
 from flowrun.runtime import FlowRuntime, RunResult
 from flowrun.validate import check_flow, validate_file

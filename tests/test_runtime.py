@@ -1466,23 +1466,26 @@ async def test_fetch_failure_does_not_stop_consumer() -> None:
     assert broker.calls >= 2
 
 
-async def test_stop_hands_back_unstarted_deliveries(folder):
-    # The first five calls are quick, so the push window grows and the consumer fetches
-    # far ahead. The sixth call waits until the test opens the gate after asking to
-    # stop. The running call finishes; the fetched ones that never started go back at
-    # once instead of being handled during the stop or waiting out their lease.
+# Handles payloads 0-4 at once, and waits from payload 5 on until the test opens `gate`.
+GATED_AFTER_FIVE = """
+    import asyncio
+
+    gate = asyncio.Event()
+    handled = []
+
+    async def handle(message, context):
+        if message.payload >= 5:
+            await gate.wait()
+        handled.append(message.payload)
+"""
+
+
+def write_gated_flow(folder: FlowFolder, *settings: str) -> str:
+    """Write a flow of 40 numbers to one GATED_AFTER_FIVE subscriber; return its module name."""
     source = folder.plugin("source", NUMBERS_PRODUCER)
-    gated = folder.plugin("gated", """
-        import asyncio
-
-        gate = asyncio.Event()
-        handled = []
-
-        async def handle(message, context):
-            if message.payload >= 5:
-                await gate.wait()
-            handled.append(message.payload)
-    """)
+    gated = folder.plugin("gated", GATED_AFTER_FIVE)
+    # Each setting goes on its own line, at the indentation of the subscriber's keys.
+    subscriber_settings = ("\n" + " " * 12).join(settings)
     folder.write_flow(f"""
         topics:
           Orders:
@@ -1496,19 +1499,32 @@ async def test_stop_hands_back_unstarted_deliveries(folder):
           billing:
             topic: Orders
             plugin: {gated}:handle
-            max_in_flight: 20
-            ack_timeout: 30s
+            {subscriber_settings}
     """)
+    return gated
+
+
+async def stop_then_open_gate(runtime: FlowRuntime, gated: str) -> RunResult:
+    """Request a stop while the gated call runs, then let that call finish."""
+    stopping = asyncio.create_task(runtime.stop())
+    await asyncio.sleep(0.2)
+    module(gated).gate.set()
+    return await asyncio.wait_for(stopping, RUN_TIMEOUT)
+
+
+async def test_stop_hands_back_unstarted_deliveries(folder):
+    # The first five calls are quick, so the push window grows and the consumer fetches
+    # far ahead. The sixth call waits until the test opens the gate after asking to
+    # stop. The running call finishes, and the fetched ones that never started go back
+    # at once, so they are neither handled during the stop nor left waiting for their lease.
+    gated = write_gated_flow(folder, "max_in_flight: 20", "ack_timeout: 30s")
 
     runtime = FlowRuntime(load_flow(folder.flow_path))
     await runtime.start()
     try:
         await wait_for_stats(runtime, lambda report: counts_of(report, "billing")["in_flight"] >= 10)
     finally:
-        stopping = asyncio.create_task(runtime.stop())
-        await asyncio.sleep(0.2)
-        module(gated).gate.set()
-        result = await asyncio.wait_for(stopping, RUN_TIMEOUT)
+        result = await stop_then_open_gate(runtime, gated)
     billing = counts_of(result.report, "billing")
 
     assert module(gated).handled == [0, 1, 2, 3, 4, 5]
@@ -1522,35 +1538,9 @@ async def test_stop_hands_back_unstarted_deliveries(folder):
 
 
 async def test_stop_loses_nothing_under_ack_none(folder):
-    # Under ack: none the broker forgets a message as it delivers it, so the worker may
+    # Under ack: none the broker removes a message as it delivers it, so the worker may
     # fetch only what its handler calls take at once. A stop then loses nothing fetched.
-    source = folder.plugin("source", NUMBERS_PRODUCER)
-    gated = folder.plugin("gated", """
-        import asyncio
-
-        gate = asyncio.Event()
-        handled = []
-
-        async def handle(message, context):
-            if message.payload >= 5:
-                await gate.wait()
-            handled.append(message.payload)
-    """)
-    folder.write_flow(f"""
-        topics:
-          Orders:
-        producers:
-          source:
-            plugin: {source}:numbers
-            publishes: [Orders]
-            with:
-              count: 40
-        subscribers:
-          billing:
-            topic: Orders
-            plugin: {gated}:handle
-            ack: none
-    """)
+    gated = write_gated_flow(folder, "ack: none")
 
     runtime = FlowRuntime(load_flow(folder.flow_path))
     await runtime.start()
@@ -1558,10 +1548,7 @@ async def test_stop_loses_nothing_under_ack_none(folder):
         await wait_for_stats(runtime, lambda report: counts_of(report, "billing")["delivered"] >= 6)
         await asyncio.sleep(0.2)
     finally:
-        stopping = asyncio.create_task(runtime.stop())
-        await asyncio.sleep(0.2)
-        module(gated).gate.set()
-        result = await asyncio.wait_for(stopping, RUN_TIMEOUT)
+        result = await stop_then_open_gate(runtime, gated)
     billing = counts_of(result.report, "billing")
 
     assert module(gated).handled == [0, 1, 2, 3, 4, 5]

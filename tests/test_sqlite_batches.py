@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from flowrun.broker import Nack
+from flowrun.broker import Nack, SubscriptionConfig
 from flowrun.brokers import sqlite as sqlite_backend
 from flowrun.brokers.sqlite import SqliteBroker
 from tests.conftest import make_topology
 from tests.conformance.helpers import SUBSCRIPTION, TOPIC, envelopes, fetch_exactly, subscription, subscription_stats
 
 
+@contextlib.asynccontextmanager
+async def started_broker(tmp_path: Path, *subscriptions: SubscriptionConfig) -> AsyncIterator[SqliteBroker]:
+    """Start a SQLite broker in `tmp_path` with these subscriptions, and close it afterwards."""
+    broker = SqliteBroker(tmp_path / "flow.db")
+    await broker.start(make_topology(*subscriptions))
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
 async def test_fetch_skips_delayed_middle_row(tmp_path: Path) -> None:
     # A fetch leases the ready rows between its first and last seq. A row delayed by a
     # nack sits among them and must stay delayed.
-    broker = SqliteBroker(tmp_path / "flow.db")
-    await broker.start(make_topology(subscription()))
-    try:
+    async with started_broker(tmp_path, subscription()) as broker:
         await broker.publish(envelopes(3))
         first, middle, last = await fetch_exactly(broker, SUBSCRIPTION, 3)
         await broker.nack(SUBSCRIPTION, [Nack(middle.tag, delay=60.0)])
@@ -36,8 +47,6 @@ async def test_fetch_skips_delayed_middle_row(tmp_path: Path) -> None:
 
         await broker.ack(SUBSCRIPTION, [delivery.tag for delivery in again])
         stats = await subscription_stats(broker)
-    finally:
-        await broker.close()
 
     assert stats["acked"] == 2
     assert stats["delayed"] == 1
@@ -46,9 +55,7 @@ async def test_fetch_skips_delayed_middle_row(tmp_path: Path) -> None:
 
 
 async def test_ack_counts_repeated_tag_once(tmp_path: Path) -> None:
-    broker = SqliteBroker(tmp_path / "flow.db")
-    await broker.start(make_topology(subscription(), subscription("audit")))
-    try:
+    async with started_broker(tmp_path, subscription(), subscription("audit")) as broker:
         await broker.publish(envelopes(4))
         deliveries = await fetch_exactly(broker, SUBSCRIPTION, 4)
         tags = [delivery.tag for delivery in deliveries]
@@ -58,8 +65,6 @@ async def test_ack_counts_repeated_tag_once(tmp_path: Path) -> None:
         audit = await fetch_exactly(broker, "audit", 4)
         await broker.ack("audit", [delivery.tag for delivery in audit])
         settled = await broker.all_settled([SUBSCRIPTION, "audit"])
-    finally:
-        await broker.close()
 
     assert stats["acked"] == 4
     assert stats["pending"] == 0
@@ -70,15 +75,11 @@ async def test_ack_counts_repeated_tag_once(tmp_path: Path) -> None:
 async def test_ack_without_returning_clause(tmp_path: Path, monkeypatch) -> None:
     # SQLite before 3.35 has no DELETE ... RETURNING, so acks select, then delete.
     monkeypatch.setattr(sqlite_backend, "HAS_RETURNING", False)
-    broker = SqliteBroker(tmp_path / "flow.db")
-    await broker.start(make_topology(subscription()))
-    try:
+    async with started_broker(tmp_path, subscription()) as broker:
         await broker.publish(envelopes(3))
         deliveries = await fetch_exactly(broker, SUBSCRIPTION, 3)
         await broker.ack(SUBSCRIPTION, [delivery.tag for delivery in deliveries[:2]])
         stats = await subscription_stats(broker)
-    finally:
-        await broker.close()
 
     assert stats["acked"] == 2
     assert stats["in_flight"] == 1
@@ -88,9 +89,7 @@ async def test_ack_without_returning_clause(tmp_path: Path, monkeypatch) -> None
 async def test_cancelled_fetch_returns_its_leases(tmp_path: Path, monkeypatch) -> None:
     # A consumer that stops cancels its fetch. When the database thread has leased rows
     # by then, they must be ready again at once, not after the ack timeout.
-    broker = SqliteBroker(tmp_path / "flow.db")
-    await broker.start(make_topology(subscription(ack_timeout=60.0)))
-    try:
+    async with started_broker(tmp_path, subscription(ack_timeout=60.0)) as broker:
         await broker.publish(envelopes(3))
         real_fetch = broker._store.fetch
         leased = threading.Event()
@@ -111,8 +110,6 @@ async def test_cancelled_fetch_returns_its_leases(tmp_path: Path, monkeypatch) -
 
         again = await broker.fetch(SUBSCRIPTION, 10, timeout=2.0)
         stats = await subscription_stats(broker)
-    finally:
-        await broker.close()
 
     assert [delivery.envelope.body for delivery in again] == [b"0", b"1", b"2"]
     assert [delivery.delivery_count for delivery in again] == [1, 1, 1]

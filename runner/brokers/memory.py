@@ -339,16 +339,16 @@ class MemoryBroker(Broker):
         # subscription behind a full dead-letter queue.
         self._store([envelope])
 
-    def _requeue(self, queue: _Queue, entry: _InFlight) -> None:
+    def _requeue(self, queue: _Queue, flight: _InFlight) -> None:
         """Put a message to be retried at the front: it is older than everything waiting."""
-        if entry.envelope.key is not None:
-            queue.busy_keys.pop(entry.envelope.key, None)
-        queue.ready.appendleft(entry)
+        if flight.envelope.key is not None:
+            queue.busy_keys.pop(flight.envelope.key, None)
+        queue.ready.appendleft(flight)
         queue.not_empty.set()
 
-    def _free_key(self, queue: _Queue, entry: _InFlight) -> None:
-        if queue.config.ordered and entry.envelope.key is not None:
-            queue.busy_keys.pop(entry.envelope.key, None)
+    def _free_key(self, queue: _Queue, flight: _InFlight) -> None:
+        if queue.config.ordered and flight.envelope.key is not None:
+            queue.busy_keys.pop(flight.envelope.key, None)
             if queue.ready:
                 queue.not_empty.set()
 

@@ -549,12 +549,12 @@ class _Store:
 
     def _delete_chunk(self, subscription: str, lease: int, chunk: list[int]) -> list[int]:
         marks = ",".join("?" * len(chunk))
-        held = f"subscription = ? AND seq IN ({marks}) AND leased = 1 AND lease = ?"
+        still_leased = f"subscription = ? AND seq IN ({marks}) AND leased = 1 AND lease = ?"
         if HAS_RETURNING:
-            return [row[0] for row in self._db.execute(f"DELETE FROM deliveries WHERE {held} RETURNING seq",
+            return [row[0] for row in self._db.execute(f"DELETE FROM deliveries WHERE {still_leased} RETURNING seq",
                                                        [subscription, *chunk, lease])]
 
-        seqs = [row[0] for row in self._db.execute(f"SELECT seq FROM deliveries WHERE {held}",
+        seqs = [row[0] for row in self._db.execute(f"SELECT seq FROM deliveries WHERE {still_leased}",
                                                    [subscription, *chunk, lease])]
         if seqs:
             marks = ",".join("?" * len(seqs))
@@ -604,22 +604,21 @@ class _Store:
                                "stopped before a handler took them", len(lost), subscription)
             return
 
-        returned = redelivered = 0
-        for start in range(0, len(tags), SQL_CHUNK):
-            chunk = tags[start:start + SQL_CHUNK]
-            rows = [row for tag in chunk for row in self._db.execute(
-                "SELECT seq, delivery_count FROM deliveries WHERE subscription = ? AND seq = ? AND leased = 1 "
-                "AND lease = ?", (subscription, tag.seq, tag.lease))]
-            self._db.executemany(
-                "UPDATE deliveries SET leased = 0, lease = 0, visible_at = ?, delivery_count = delivery_count - 1, "
-                "first_delivered_at = CASE delivery_count WHEN 1 THEN 0 ELSE first_delivered_at END "
-                "WHERE subscription = ? AND seq = ?",
-                [(self.clock.wall(), subscription, seq) for seq, _ in rows],
-            )
-            returned += len(rows)
-            redelivered += sum(1 for _, count in rows if count > 1)
+        # Only rows these leases still hold; a lease that expired meanwhile changes nothing.
+        rows = [row for tag in tags for row in self._db.execute(
+            "SELECT seq, delivery_count FROM deliveries WHERE subscription = ? AND seq = ? AND leased = 1 AND lease = ?",
+            (subscription, tag.seq, tag.lease))]
+        now = self.clock.wall()
+        self._db.executemany(
+            "UPDATE deliveries SET leased = 0, lease = 0, visible_at = ?, delivery_count = delivery_count - 1, "
+            "first_delivered_at = CASE delivery_count WHEN 1 THEN 0 ELSE first_delivered_at END "
+            "WHERE subscription = ? AND seq = ?",
+            [(now, subscription, seq) for seq, _ in rows],
+        )
+
+        redelivered = sum(1 for _, count in rows if count > 1)
         self._db.execute("UPDATE subscriptions SET delivered = delivered - ?, redelivered = redelivered - ? "
-                         "WHERE name = ?", (returned, redelivered, subscription))
+                         "WHERE name = ?", (len(rows), redelivered, subscription))
         self.arrivals.add(subscription)
 
     def _count(self, subscription: str, column: str) -> None:
@@ -944,7 +943,7 @@ class SqliteBroker(Broker):
             arrived.clear()
             deliveries, next_due, expired = await self._write(
                 lambda: self._store.fetch(subscription, max_messages),
-                abandoned=lambda result: self._give_back(subscription, result[0], result[2]),
+                abandoned=lambda result: self._unlease_abandoned(subscription, result[0], result[2]),
             )
             self._release(subscription, expired)
             if deliveries:
@@ -960,7 +959,7 @@ class SqliteBroker(Broker):
             await self._wait_for_change(arrived, remaining)
         return []
 
-    def _give_back(self, subscription: str, deliveries: list[Delivery], expired: list[_Tag]) -> None:
+    def _unlease_abandoned(self, subscription: str, deliveries: list[Delivery], expired: list[_Tag]) -> None:
         """Return the leases of a fetch whose caller was cancelled (a consumer stopping).
 
         No handler received these deliveries, so they become ready at once instead of
@@ -972,9 +971,9 @@ class SqliteBroker(Broker):
             return
         tags = [delivery.tag for delivery in deliveries]
         future = self._queue_job(lambda: self._store.unlease(subscription, tags))
-        future.add_done_callback(lambda done: self._log_give_back(subscription, len(tags), done))
+        future.add_done_callback(lambda done: self._log_unlease(subscription, len(tags), done))
 
-    def _log_give_back(self, subscription: str, count: int, done: asyncio.Future[Any]) -> None:
+    def _log_unlease(self, subscription: str, count: int, done: asyncio.Future[Any]) -> None:
         if done.cancelled() or done.exception() is None:
             logger.debug("returned %d deliveries of '%s' that a cancelled fetch had leased", count, subscription)
             return
