@@ -1,10 +1,14 @@
 """Durable embedded broker on SQLite (WAL mode): the default backend.
 
-A message is on disk once `publish` returns. Each subscription's unsettled messages are
-rows in `deliveries`; a fetch leases rows until the ack timeout, so after a crash the
-leases of the dead process expire and its messages are delivered again, and nothing else
-is. Several processes may open the same file: each fetch is one write transaction, so
-they compete for messages and each delivery goes to one of them.
+A message is on disk once `publish` returns. Each topic is a range of seqs in `messages`,
+stored once however many subscriptions it has. A subscription reads its topic's range in
+order through a cursor, and each fetch from the range is one row in `leases`, held until
+the ack timeout, so after a crash the leases of the dead process expire and its messages
+are delivered again, and nothing else is. A message that needs its own state (a retry,
+a message of an ordered subscription) gets a row in `deliveries`. A topic's messages are
+deleted once every subscription is past them. Several processes may open the same file:
+each fetch is one write transaction, so they compete for messages and each delivery goes
+to one of them.
 
 All database work runs on one thread per broker. Publishes, fetches, acks and nacks that
 arrive in the same event-loop turn share one transaction (group commit).
@@ -38,7 +42,11 @@ from flowrun.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = 2
+# A topic's messages have the seqs after its number << TOPIC_SHIFT. Seqs up to TOPIC_BASE
+# are messages held by delivery rows alone.
+TOPIC_SHIFT = 40
+TOPIC_BASE = 1 << TOPIC_SHIFT
 BUSY_TIMEOUT_MS = 30_000
 # How often a waiting fetch or publish checks for commits made by other processes.
 # Commits of this process wake waiters at once.
@@ -64,19 +72,18 @@ LEASE_UPDATE = (
 class _PublishBatch:
     """Rows of one publish call, written with one statement per table and subscription.
 
-    The messages get the seqs from `first_seq` up to `next_seq`, so each subscription's
-    delivery rows are copied from that range of `messages` in SQL.
+    Each topic's messages get the seqs after the topic's head, so the batch's messages of
+    one topic are the seqs from `first[topic]` to `last[topic]`.
     """
 
-    def __init__(self, first_seq: int, now: float) -> None:
-        self.first_seq = first_seq
-        self.next_seq = first_seq
+    def __init__(self, now: float, head_of: Callable[[str], int]) -> None:
         self.now = now
+        self.head_of = head_of
         self.seen_rows: list[tuple[str, float]] = []
         self.message_rows: list[tuple[Any, ...]] = []
         self.published: dict[str, int] = {}
-        # Messages stored per topic. Each subscription of the topic receives all of them.
-        self.stored: dict[str, int] = {}
+        self.first: dict[str, int] = {}
+        self.last: dict[str, int] = {}
 
     def add(self, envelope: Envelope, holders: list[SubscriptionConfig]) -> None:
         if envelope.dedupe:
@@ -86,10 +93,13 @@ class _PublishBatch:
         if not holders:
             return
 
-        self.stored[topic] = self.stored.get(topic, 0) + 1
-        self.message_rows.append((self.next_seq, envelope.id, topic, envelope.body, envelope.key,
-                                  _headers_text(envelope.headers), envelope.published_at, len(holders)))
-        self.next_seq += 1
+        last = self.last.get(topic)
+        if last is None:
+            last = self.head_of(topic)
+            self.first[topic] = last + 1
+        seq = self.last[topic] = last + 1
+        self.message_rows.append((seq, envelope.id, topic, envelope.body, envelope.key,
+                                  _headers_text(envelope.headers), envelope.published_at))
 
 
 class _Tag(NamedTuple):
@@ -103,6 +113,14 @@ class _Tag(NamedTuple):
     lease: int
 
 
+class _Held(NamedTuple):
+    """A delivery that a range lease still held when it was taken out of the lease."""
+
+    seq: int
+    lease: int
+    fetched_at: float
+
+
 class _Store:
     """The synchronous SQLite side; every method runs on the broker's database thread."""
 
@@ -114,6 +132,11 @@ class _Store:
         self.connection: sqlite3.Connection | None = None
         self.configs: dict[str, SubscriptionConfig] = {}
         self.by_topic: dict[str, list[SubscriptionConfig]] = {}
+        # The seq before each declared topic's range.
+        self.bases: dict[str, int] = {}
+        # Topics whose subscriptions settled messages in this transaction, so older messages
+        # may be deleted at its end.
+        self.trimmable: set[str] = set()
         # Lease numbers start at a random point, so a late ack from another process that
         # once leased the same row with the same number is all but impossible.
         self.leases = secrets.randbits(48)
@@ -143,9 +166,32 @@ class _Store:
         # the same time may both run it.
         schema = resources.files("flowrun.brokers").joinpath("sqlite_schema.sql").read_text(encoding="utf-8")
         connection.executescript(schema)
-        connection.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        with self.transaction():
+            self._upgrade()
         if topology is not None:
             self.declare(topology)
+
+    def _upgrade(self) -> None:
+        """Bring a file of an older flowrun to this schema, in the caller's transaction.
+
+        Schema 1 kept one delivery row per message and subscription. Those rows and their
+        messages (all below TOPIC_BASE) stay as they are; declaring the topics places every
+        cursor at the topic's empty range, so later messages take the range path.
+        """
+        connection = self._db
+        row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            connection.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            return
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise BrokerError(f"{self.path} has schema version {version}, written by a newer flowrun; this one "
+                              f"reads version {SCHEMA_VERSION} and older, so upgrade flowrun or use another file")
+        if version == 1:
+            for table, column in (("topics", "number"), ("topics", "head"), ("subscriptions", "cursor")):
+                connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
+            logger.info("upgraded %s from schema version 1 to %d", self.path, SCHEMA_VERSION)
+        connection.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def declare(self, topology: Topology) -> None:
         connection = self._db
@@ -155,7 +201,7 @@ class _Store:
 
         with self.transaction():
             for topic in topology.topics:
-                connection.execute("INSERT OR IGNORE INTO topics (name) VALUES (?)", (topic,))
+                self.bases[topic] = self._declare_topic(topic)
             for config in topology.subscriptions:
                 settings = json.dumps(_config_json(config), sort_keys=True)
                 connection.execute(
@@ -164,10 +210,53 @@ class _Store:
                     (config.name, config.topic, settings),
                 )
                 self._check_topic_unchanged(config)
+                self._place_cursor(config)
             if any(config.ordered for config in topology.subscriptions):
                 # Only ordered subscriptions look up earlier messages of a key; the index
                 # costs every other publish a B-tree insert.
                 connection.execute("CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries (subscription, key, seq)")
+
+    def _declare_topic(self, topic: str) -> int:
+        """Give a new topic the next free range of seqs; return the seq before its range."""
+        connection = self._db
+        connection.execute("INSERT OR IGNORE INTO topics (name) VALUES (?)", (topic,))
+        (number,) = connection.execute("SELECT number FROM topics WHERE name = ?", (topic,)).fetchone()
+        if number is None:
+            (number,) = connection.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM topics").fetchone()
+            connection.execute("UPDATE topics SET number = ?, head = ? WHERE name = ?",
+                               (number, number << TOPIC_SHIFT, topic))
+        return int(number) << TOPIC_SHIFT
+
+    def _place_cursor(self, config: SubscriptionConfig) -> None:
+        """Set a subscription's cursor and size as this process's flow declares it.
+
+        A new subscription starts at its topic's head: it receives what is published from
+        now on. One that the flow left out for a while may find older messages deleted, and
+        skips to the first one still stored. An ordered subscription takes every message of
+        its range as a delivery row, since only rows can wait for an earlier message of
+        their key.
+        """
+        connection = self._db
+        base = self.bases[config.topic]
+        (head,) = connection.execute("SELECT head FROM topics WHERE name = ?", (config.topic,)).fetchone()
+        (cursor, first_stored) = connection.execute(
+            "SELECT cursor, (SELECT MIN(seq) FROM messages WHERE seq > ?2 AND seq < ?3) FROM subscriptions "
+            "WHERE name = ?1", (config.name, base, base + TOPIC_BASE),
+        ).fetchone()
+        cursor = head if cursor is None else max(cursor, (first_stored or head + 1) - 1)
+        if config.ordered and cursor < head:
+            connection.execute(
+                "INSERT OR IGNORE INTO deliveries (subscription, seq, key, visible_at) SELECT ?, seq, key, ? "
+                "FROM messages WHERE seq > ? AND seq <= ?", (config.name, self.clock.wall(), cursor, head),
+            )
+            cursor = head
+
+        in_ranges = sum(_pending_seqs_count(pending) for (pending,) in connection.execute(
+            "SELECT pending FROM leases WHERE subscription = ?", (config.name,)))
+        (rows,) = connection.execute("SELECT COUNT(*) FROM deliveries WHERE subscription = ?",
+                                     (config.name,)).fetchone()
+        connection.execute("UPDATE subscriptions SET cursor = ?, size = ? WHERE name = ?",
+                           (cursor, head - cursor + in_ranges + rows, config.name))
 
     def _check_topic_unchanged(self, config: SubscriptionConfig) -> None:
         row = self._db.execute("SELECT topic FROM subscriptions WHERE name = ?", (config.name,)).fetchone()
@@ -203,7 +292,7 @@ class _Store:
         """
         seen = self._seen_ids([envelope.id for envelope in envelopes if envelope.dedupe])
         room: dict[str, int] = {}
-        batch = _PublishBatch(self._next_seq(), self.clock.wall())
+        batch = _PublishBatch(self.clock.wall(), self._head)
         stored = len(envelopes)
 
         for index, envelope in enumerate(envelopes):
@@ -231,10 +320,10 @@ class _Store:
             seen.update(row[0] for row in self._db.execute(f"SELECT id FROM seen_ids WHERE id IN ({marks})", chunk))
         return seen
 
-    def _next_seq(self) -> int:
-        (largest,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'messages'"
-                                      ).fetchone()
-        return int(largest) + 1
+    def _head(self, topic: str) -> int:
+        """Return the seq of the topic's last stored message (the seq before its range if none)."""
+        (head,) = self._db.execute("SELECT head FROM topics WHERE name = ?", (topic,)).fetchone()
+        return int(head)
 
     def _take_room(self, topic: str, holders: list[SubscriptionConfig], room: dict[str, int], first: bool) -> bool:
         """Take room for one message in every holder; return False, taking none, if one is full.
@@ -262,15 +351,16 @@ class _Store:
         if batch.seen_rows:
             connection.executemany("INSERT INTO seen_ids VALUES (?, ?)", batch.seen_rows)
         if batch.published:
-            connection.executemany("UPDATE topics SET published = published + ? WHERE name = ?",
-                                   [(count, topic) for topic, count in batch.published.items()])
+            connection.executemany("UPDATE topics SET published = published + ?, head = COALESCE(?, head) "
+                                   "WHERE name = ?",
+                                   [(count, batch.last.get(topic), topic) for topic, count in batch.published.items()])
         if batch.message_rows:
             connection.executemany(
                 "INSERT INTO messages (seq, id, topic, body, key, headers, published_at, holders) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
                 batch.message_rows,
             )
-            self._write_deliveries(batch)
+            self._count_arrivals(batch)
 
         self.publishes_since_purge += len(batch.seen_rows)
         if self.publishes_since_purge >= SEEN_ID_PURGE_EVERY:
@@ -278,40 +368,42 @@ class _Store:
             cutoff = self.clock.wall() - self.dedup_window
             connection.execute("DELETE FROM seen_ids WHERE published_at < ?", (cutoff,))
 
-    def _write_deliveries(self, batch: _PublishBatch) -> None:
-        """Copy the batch's delivery rows from its messages, since each subscription of a topic receives all of them."""
+    def _count_arrivals(self, batch: _PublishBatch) -> None:
+        """Grow every subscription of the batch's topics; ordered ones take the messages as delivery rows."""
         connection = self._db
-        for topic, count in batch.stored.items():
+        for topic, first in batch.first.items():
+            last = batch.last[topic]
             for config in self.by_topic[topic]:
-                connection.execute(
-                    "INSERT INTO deliveries (subscription, seq, key, visible_at) SELECT ?, seq, key, ? FROM messages "
-                    "WHERE seq >= ? AND seq < ? AND topic = ?",
-                    (config.name, batch.now, batch.first_seq, batch.next_seq, topic),
-                )
-                connection.execute("UPDATE subscriptions SET size = size + ? WHERE name = ?", (count, config.name))
+                connection.execute("UPDATE subscriptions SET size = size + ? WHERE name = ?",
+                                   (last - first + 1, config.name))
                 self.arrivals.add(config.name)
+                if config.ordered:
+                    connection.execute(
+                        "INSERT INTO deliveries (subscription, seq, key, visible_at) SELECT ?, seq, key, ? "
+                        "FROM messages WHERE seq BETWEEN ? AND ?", (config.name, batch.now, first, last),
+                    )
+                    connection.execute("UPDATE subscriptions SET cursor = ? WHERE name = ?", (last, config.name))
 
-    def _insert(self, envelope: Envelope, holders: list[SubscriptionConfig]) -> None:
+    def _insert_for(self, envelope: Envelope, config: SubscriptionConfig) -> None:
+        """Store a message for one subscription alone, as a delivery row with a seq below TOPIC_BASE."""
         connection = self._db
-        cursor = connection.execute(
-            "INSERT INTO messages (id, topic, body, key, headers, published_at, holders) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (envelope.id, envelope.topic, envelope.body, envelope.key, _headers_text(envelope.headers),
-             envelope.published_at, len(holders)),
+        (seq,) = connection.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE seq <= ?",
+                                    (TOPIC_BASE,)).fetchone()
+        connection.execute(
+            "INSERT INTO messages (seq, id, topic, body, key, headers, published_at, holders) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+            (seq, envelope.id, envelope.topic, envelope.body, envelope.key, _headers_text(envelope.headers),
+             envelope.published_at),
         )
-        seq = cursor.lastrowid
-        now = self.clock.wall()
-        connection.executemany(
-            "INSERT INTO deliveries (subscription, seq, key, visible_at) VALUES (?, ?, ?, ?)",
-            [(config.name, seq, envelope.key, now) for config in holders],
-        )
-        connection.executemany("UPDATE subscriptions SET size = size + 1 WHERE name = ?",
-                               [(config.name,) for config in holders])
-        self.arrivals.update(config.name for config in holders)
+        connection.execute("INSERT INTO deliveries (subscription, seq, key, visible_at) VALUES (?, ?, ?, ?)",
+                           (config.name, seq, envelope.key, self.clock.wall()))
+        connection.execute("UPDATE subscriptions SET size = size + 1 WHERE name = ?", (config.name,))
+        self.arrivals.add(config.name)
 
     # Fetching
 
     def fetch(self, subscription: str, max_messages: int) -> tuple[list[Delivery], float | None, list[_Tag]]:
-        """Lease up to `max_messages` ready rows.
+        """Lease up to `max_messages` deliveries: ready delivery rows first, then the topic's range.
 
         Also returns when the next delayed row is due and which leases expired on the way.
         """
@@ -322,6 +414,8 @@ class _Store:
         rows = self._ready_rows(config, now, max_messages)
         deliveries = self._lease_rows(config, rows, now)
         self._write_leases(config, deliveries, now)
+        if len(deliveries) < max_messages and not config.ordered:
+            deliveries += self._take_range(config, max_messages - len(deliveries), now)
         if deliveries:
             self._db.execute(
                 "UPDATE subscriptions SET delivered = delivered + ?, redelivered = redelivered + ? WHERE name = ?",
@@ -333,6 +427,48 @@ class _Store:
             (subscription, now),
         ).fetchone()[0]
         return deliveries, next_due, expired
+
+    def _take_range(self, config: SubscriptionConfig, limit: int, now: float) -> list[Delivery]:
+        """Lease the next messages of the topic's range after the subscription's cursor, as one lease row."""
+        connection = self._db
+        name = config.name
+        topic = config.topic
+        (cursor,) = connection.execute("SELECT cursor FROM subscriptions WHERE name = ?", (name,)).fetchone()
+        rows = connection.execute(
+            "SELECT seq, id, body, key, headers, published_at FROM messages WHERE seq > ? AND seq < ? "
+            "ORDER BY seq LIMIT ?", (cursor, self.bases[topic] + TOPIC_BASE, limit),
+        ).fetchall()
+        if not rows:
+            return []
+
+        first = rows[0][0]
+        last = rows[-1][0]
+        self.leases += 1
+        lease = self.leases
+        deliveries = [
+            Delivery(Envelope(message_id, topic, body, key, orjson.loads(headers) if headers != "{}" else {},
+                              published_at), name, 1, _Tag(seq, lease), now)
+            for seq, message_id, body, key, headers, published_at in rows
+        ]
+
+        # Messages deleted past the cursor left the subscription's size; see _place_cursor.
+        gone = first - cursor - 1
+        if gone:
+            logger.warning("subscription '%s' skipped %d messages of topic '%s' that a process running a flow "
+                           "without this subscription deleted", name, gone, topic)
+        if config.ack is AckPolicy.NONE:
+            # At-most-once: the messages leave the queue as they are delivered.
+            connection.execute("UPDATE subscriptions SET cursor = ?, size = size - ? WHERE name = ?",
+                               (last, gone + len(rows), name))
+            self.unsettled.update((name, delivery.tag) for delivery in deliveries)
+            self.trimmable.add(topic)
+            return deliveries
+
+        connection.execute("UPDATE subscriptions SET cursor = ?, size = size - ? WHERE name = ?", (last, gone, name))
+        connection.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (name, lease, first, last, _pending_blob(first, [row[0] for row in rows]), first,
+                            now + config.ack_timeout, now))
+        return deliveries
 
     def _ready_rows(self, config: SubscriptionConfig, now: float, limit: int) -> list[tuple[Any, ...]]:
         # A delivery's topic is its subscription's topic, so the query does not read it.
@@ -399,6 +535,7 @@ class _Store:
 
     def _expire_leases(self, config: SubscriptionConfig, now: float) -> list[_Tag]:
         """Return expired leases of this subscription to the queue (or give them up)."""
+        self._expire_ranges(config.name, now)
         rows = self._db.execute(
             "SELECT d.seq, d.lease, m.id FROM deliveries d JOIN messages m ON m.seq = d.seq "
             "WHERE d.subscription = ? AND d.leased = 1 AND d.visible_at <= ?",
@@ -418,6 +555,7 @@ class _Store:
         """Expire the given leases if they are still held and past their deadline."""
         config = self.configs[subscription]
         now = self.clock.wall()
+        self._expire_ranges(subscription, now)
         expired = []
         for tag in tags:
             row = self._db.execute(
@@ -433,6 +571,61 @@ class _Store:
             expired.append(tag)
         return expired
 
+    def _expire_ranges(self, subscription: str, now: float) -> None:
+        """Turn range leases past their deadline into leased delivery rows, which then expire as rows do."""
+        connection = self._db
+        for lease, first, pending, fetched_at, deadline in connection.execute(
+            "SELECT lease, first_seq, pending, fetched_at, deadline FROM leases WHERE subscription = ? "
+            "AND deadline <= ?", (subscription, now),
+        ).fetchall():
+            self._rows_from_range(subscription, [(seq, lease, fetched_at) for seq in _pending_seqs(first, pending)],
+                                  deadline)
+            connection.execute("DELETE FROM leases WHERE subscription = ? AND lease = ?", (subscription, lease))
+
+    def _take_from_ranges(self, subscription: str, tags: Sequence[_Tag]) -> tuple[list[_Held], list[_Tag]]:
+        """Remove these deliveries from their range leases.
+
+        Returns the deliveries the range leases still held, and the tags of other leases:
+        row leases, or range leases that expired and became rows.
+        """
+        connection = self._db
+        by_lease: dict[int, list[int]] = {}
+        for seq, lease in tags:
+            by_lease.setdefault(lease, []).append(seq)
+
+        held: list[_Held] = []
+        others: list[_Tag] = []
+        for lease, seqs in by_lease.items():
+            row = connection.execute("SELECT first_seq, pending, fetched_at FROM leases WHERE subscription = ? "
+                                     "AND lease = ?", (subscription, lease)).fetchone()
+            if row is None:
+                others += [_Tag(seq, lease) for seq in seqs]
+                continue
+            first, pending, fetched_at = row
+            mask = int.from_bytes(pending, "little")
+            before = mask
+            for seq in seqs:
+                bit = 1 << (seq - first)
+                if mask & bit:
+                    mask ^= bit
+                    held.append(_Held(seq, lease, fetched_at))
+            if mask == before:
+                continue
+            if mask:
+                connection.execute("UPDATE leases SET pending = ?, low = ? WHERE subscription = ? AND lease = ?",
+                                   (_mask_bytes(mask), first + (mask & -mask).bit_length() - 1, subscription, lease))
+            else:
+                connection.execute("DELETE FROM leases WHERE subscription = ? AND lease = ?", (subscription, lease))
+        return held, others
+
+    def _rows_from_range(self, subscription: str, held: Sequence[_Held], visible_at: float) -> None:
+        """Give deliveries taken out of range leases leased rows, so they record retries like any row."""
+        self._db.executemany(
+            "INSERT INTO deliveries (subscription, seq, key, leased, lease, visible_at, delivery_count, "
+            "first_delivered_at) SELECT ?, seq, key, 1, ?, ?, 1, ? FROM messages WHERE seq = ?",
+            [(subscription, lease, visible_at, fetched_at, seq) for seq, lease, fetched_at in held],
+        )
+
     # Settling
 
     def ack(self, subscription: str, tags: Sequence[_Tag]) -> int:
@@ -443,12 +636,18 @@ class _Store:
                 if (subscription, tag) in self.unsettled:
                     self.unsettled.discard((subscription, tag))
                     acked += 1
+        in_ranges = 0
         if config.ack is not AckPolicy.NONE:
-            seqs = self._delete_leased(subscription, tags)
+            held, others = self._take_from_ranges(subscription, tags)
+            in_ranges = len(held)
+            if in_ranges:
+                self.trimmable.add(config.topic)
+            seqs = self._delete_leased(subscription, others) if others else []
             self._release_messages(subscription, seqs)
-            acked += len(seqs)
+            acked += in_ranges + len(seqs)
         if acked:
-            self._db.execute("UPDATE subscriptions SET acked = acked + ? WHERE name = ?", (acked, subscription))
+            self._db.execute("UPDATE subscriptions SET acked = acked + ?, size = size - ? WHERE name = ?",
+                             (acked, in_ranges, subscription))
         return acked
 
     def nack(self, subscription: str, nacks: Sequence[Nack]) -> None:
@@ -462,10 +661,20 @@ class _Store:
                 logger.warning("dropped message seq %d of subscription '%s' (ack: none): %s", nack.tag.seq,
                                subscription, nack.error.message if nack.error else "no error recorded")
                 continue
-            if self._holds(subscription, nack.tag):
+            if self._claim(subscription, nack.tag):
                 self._settle_failure(config, nack.tag, nack.delay, nack.error, nack.terminal, nack.dead_letter)
 
-    def _holds(self, subscription: str, tag: _Tag) -> bool:
+    def _claim(self, subscription: str, tag: _Tag) -> bool:
+        """Return whether the tag's lease still holds its delivery, which is then a leased row.
+
+        A delivery taken out of a range lease becomes a row, which records its retries.
+        """
+        held, others = self._take_from_ranges(subscription, [tag])
+        if held:
+            self._rows_from_range(subscription, held, self.clock.wall())
+            return True
+        if not others:
+            return False
         row = self._db.execute(
             "SELECT 1 FROM deliveries WHERE subscription = ? AND seq = ? AND leased = 1 AND lease = ?",
             (subscription, tag.seq, tag.lease),
@@ -566,14 +775,40 @@ class _Store:
         if not seqs:
             return
         connection = self._db
-        self.removed_since_vacuum += len(seqs)
         connection.execute("UPDATE subscriptions SET size = size - ? WHERE name = ?", (len(seqs), subscription))
-        for start in range(0, len(seqs), SQL_CHUNK):
-            chunk = seqs[start:start + SQL_CHUNK]
+        single = [seq for seq in seqs if seq <= TOPIC_BASE]
+        if len(single) < len(seqs):
+            self.trimmable.add(self.configs[subscription].topic)
+        self.removed_since_vacuum += len(single)
+        for start in range(0, len(single), SQL_CHUNK):
+            chunk = single[start:start + SQL_CHUNK]
             marks = ",".join("?" * len(chunk))
             # Deleting the last holder's messages first spares them an update.
             connection.execute(f"DELETE FROM messages WHERE seq IN ({marks}) AND holders <= 1", chunk)
             connection.execute(f"UPDATE messages SET holders = holders - 1 WHERE seq IN ({marks})", chunk)
+
+    def trim(self) -> None:
+        """Delete the messages of trimmable topics that every subscription of the topic is past.
+
+        Only the subscriptions this process's flow declares count: a subscription the flow
+        dropped does not keep its topic's messages forever.
+        """
+        connection = self._db
+        for topic in self.trimmable:
+            base = self.bases[topic]
+            low = min(self._lowest_needed(config, base) for config in self.by_topic[topic])
+            removed = connection.execute("DELETE FROM messages WHERE seq > ? AND seq < ?", (base, low)).rowcount
+            self.removed_since_vacuum += removed
+        self.trimmable.clear()
+
+    def _lowest_needed(self, config: SubscriptionConfig, base: int) -> int:
+        """Return the lowest seq of the topic's range that the subscription has not settled."""
+        cursor, in_ranges, in_rows = self._db.execute(
+            "SELECT cursor, (SELECT MIN(low) FROM leases WHERE subscription = ?1), "
+            "(SELECT MIN(seq) FROM deliveries WHERE subscription = ?1 AND seq > ?2) FROM subscriptions WHERE name = ?1",
+            (config.name, base),
+        ).fetchone()
+        return min(value for value in (cursor + 1, in_ranges, in_rows) if value is not None)
 
     def return_free_pages(self) -> None:
         """Give free pages back every VACUUM_EVERY removals, so the file shrinks after a surge.
@@ -604,11 +839,16 @@ class _Store:
                                "stopped before a handler took them", len(lost), subscription)
             return
 
+        # Deliveries of range leases become ready rows, as if never fetched.
+        held, others = self._take_from_ranges(subscription, tags)
+        now = self.clock.wall()
+        self._db.executemany("INSERT INTO deliveries (subscription, seq, key, visible_at) SELECT ?, seq, key, ? "
+                             "FROM messages WHERE seq = ?", [(subscription, now, seq) for seq, _, _ in held])
+
         # Only rows these leases still hold; a lease that expired meanwhile changes nothing.
-        rows = [row for tag in tags for row in self._db.execute(
+        rows = [row for tag in others for row in self._db.execute(
             "SELECT seq, delivery_count FROM deliveries WHERE subscription = ? AND seq = ? AND leased = 1 AND lease = ?",
             (subscription, tag.seq, tag.lease))]
-        now = self.clock.wall()
         self._db.executemany(
             "UPDATE deliveries SET leased = 0, lease = 0, visible_at = ?, delivery_count = delivery_count - 1, "
             "first_delivered_at = CASE delivery_count WHEN 1 THEN 0 ELSE first_delivered_at END "
@@ -618,7 +858,7 @@ class _Store:
 
         redelivered = sum(1 for _, count in rows if count > 1)
         self._db.execute("UPDATE subscriptions SET delivered = delivered - ?, redelivered = redelivered - ? "
-                         "WHERE name = ?", (len(rows), redelivered, subscription))
+                         "WHERE name = ?", (len(held) + len(rows), redelivered, subscription))
         self.arrivals.add(subscription)
 
     def _count(self, subscription: str, column: str) -> None:
@@ -654,21 +894,8 @@ class _Store:
         for name, published in connection.execute("SELECT name, published FROM topics ORDER BY name"):
             report["topics"][name] = {"published": published}
 
-        gauges: dict[str, dict[str, Any]] = {}
         now = self.clock.wall()
-        for subscription, leased, count, oldest, delayed in connection.execute(
-            "SELECT d.subscription, d.leased, COUNT(*), MIN(m.published_at), SUM(d.visible_at > ?) "
-            "FROM deliveries d JOIN messages m ON m.seq = d.seq GROUP BY d.subscription, d.leased",
-            (now,),
-        ):
-            gauge = gauges.setdefault(subscription, {"pending": 0, "in_flight": 0, "delayed": 0, "oldest": None})
-            if leased:
-                gauge["in_flight"] = count
-            else:
-                gauge["pending"] = count
-                gauge["delayed"] = delayed or 0
-            if not leased and oldest is not None:
-                gauge["oldest"] = oldest
+        gauges = self._gauges(now)
 
         for row in connection.execute(
             "SELECT name, topic, delivered, acked, redelivered, dead_lettered, dropped FROM subscriptions ORDER BY name"
@@ -682,6 +909,43 @@ class _Store:
                 "oldest_pending_age": None if gauge["oldest"] is None else max(now - gauge["oldest"], 0.0),
             }
         return report
+
+    def _gauges(self, now: float) -> dict[str, dict[str, Any]]:
+        """Count each subscription's pending, delayed and in-flight messages, and find its oldest pending one."""
+        connection = self._db
+        gauges: dict[str, dict[str, Any]] = {}
+
+        def gauge(subscription: str) -> dict[str, Any]:
+            return gauges.setdefault(subscription, {"pending": 0, "in_flight": 0, "delayed": 0, "oldest": None})
+
+        def note_oldest(subscription: str, published_at: float | None) -> None:
+            oldest = gauge(subscription)["oldest"]
+            if published_at is not None and (oldest is None or published_at < oldest):
+                gauge(subscription)["oldest"] = published_at
+
+        for subscription, leased, count, oldest, delayed in connection.execute(
+            "SELECT d.subscription, d.leased, COUNT(*), MIN(m.published_at), SUM(d.visible_at > ?) "
+            "FROM deliveries d JOIN messages m ON m.seq = d.seq GROUP BY d.subscription, d.leased",
+            (now,),
+        ):
+            if leased:
+                gauge(subscription)["in_flight"] += count
+                continue
+            gauge(subscription)["pending"] += count
+            gauge(subscription)["delayed"] = delayed or 0
+            note_oldest(subscription, oldest)
+
+        for subscription, pending in connection.execute("SELECT subscription, pending FROM leases"):
+            gauge(subscription)["in_flight"] += _pending_seqs_count(pending)
+
+        for subscription, backlog, oldest in connection.execute(
+            "SELECT s.name, t.head - s.cursor, (SELECT m.published_at FROM messages m WHERE m.seq > s.cursor "
+            "AND m.seq <= t.head ORDER BY m.seq LIMIT 1) FROM subscriptions s JOIN topics t ON t.name = s.topic "
+            "WHERE s.cursor < t.head"
+        ):
+            gauge(subscription)["pending"] += backlog
+            note_oldest(subscription, oldest)
+        return gauges
 
     # Dead letters
 
@@ -708,7 +972,7 @@ class _Store:
             headers = {k: v for k, v in letter["headers"].items() if not k.startswith("flowrun.")}
             envelope = Envelope(new_id(), letter["topic"], letter["body"], letter["key"], headers,
                                 self.clock.wall())
-            self._insert(envelope, [config])
+            self._insert_for(envelope, config)
             self._db.execute("DELETE FROM dead_letters WHERE number = ?", (letter["number"],))
         return len(letters)
 
@@ -741,6 +1005,29 @@ class _Transaction:
             self.connection.execute("COMMIT")
         else:
             self.connection.execute("ROLLBACK")
+
+
+def _pending_blob(first: int, seqs: list[int]) -> bytes:
+    """Encode the pending seqs of a range lease as bits from `first` on."""
+    if seqs[-1] - first + 1 == len(seqs):
+        return _mask_bytes((1 << len(seqs)) - 1)
+    mask = 0
+    for seq in seqs:
+        mask |= 1 << (seq - first)
+    return _mask_bytes(mask)
+
+
+def _mask_bytes(mask: int) -> bytes:
+    return mask.to_bytes((mask.bit_length() + 7) // 8, "little")
+
+
+def _pending_seqs(first: int, pending: bytes) -> list[int]:
+    mask = int.from_bytes(pending, "little")
+    return [first + index for index in range(mask.bit_length()) if mask >> index & 1]
+
+
+def _pending_seqs_count(pending: bytes) -> int:
+    return int.from_bytes(pending, "little").bit_count()
 
 
 def _headers_text(headers: dict[str, str]) -> str:
@@ -902,7 +1189,9 @@ class SqliteBroker(Broker):
     def _run_jobs_together(self, jobs: list[_Job]) -> list[tuple[bool, Any]]:
         try:
             with self._store.transaction():
-                return [(True, job.work()) for job in jobs]
+                results = [(True, job.work()) for job in jobs]
+                self._store.trim()
+                return results
         except Exception as error:  # noqa: BLE001 - retried one by one below
             if len(jobs) == 1:
                 return [(False, error)]
@@ -912,6 +1201,7 @@ class SqliteBroker(Broker):
             try:
                 with self._store.transaction():
                     results.append((True, job.work()))
+                    self._store.trim()
             except Exception as error:  # noqa: BLE001 - each waiter gets its own failure
                 results.append((False, error))
         return results

@@ -1,0 +1,191 @@
+"""The SQLite backend's topic ranges: one lease row per fetch, messages deleted once every subscription is past them."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from flowrun.broker import Nack
+from flowrun.brokers.sqlite import SqliteBroker
+from flowrun.errors import BrokerError
+from tests.conftest import make_topology
+from tests.conformance.helpers import (
+    DEAD_LETTER_TOPIC,
+    SUBSCRIPTION,
+    envelope,
+    envelopes,
+    fetch_exactly,
+    subscription,
+    subscription_stats,
+)
+from tests.test_sqlite_batches import started_broker
+
+SCHEMA_1_FILE = Path(__file__).parent / "data" / "sqlite_schema1.db"
+
+
+def stored_messages(path: Path) -> int:
+    with sqlite3.connect(path) as connection:
+        return int(connection.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+
+def bodies(deliveries: list) -> list[bytes]:
+    return [delivery.envelope.body for delivery in deliveries]
+
+
+async def test_expired_range_lease_redelivers_only_unacked(tmp_path: Path) -> None:
+    async with started_broker(tmp_path, subscription(ack_timeout=0.2)) as broker:
+        await broker.publish(envelopes(3))
+        first, middle, last = await fetch_exactly(broker, SUBSCRIPTION, 3)
+        await broker.ack(SUBSCRIPTION, [first.tag, last.tag])
+
+        again = await fetch_exactly(broker, SUBSCRIPTION, 1)
+        await broker.ack(SUBSCRIPTION, [again[0].tag, first.tag])
+        stats = await subscription_stats(broker)
+
+    assert bodies(again) == [b"1"]
+    assert again[0].delivery_count == 2
+    assert again[0].first_delivered_at == middle.first_delivered_at
+    assert (stats["acked"], stats["redelivered"], stats["in_flight"], stats["pending"]) == (3, 1, 0, 0)
+    assert stored_messages(tmp_path / "flow.db") == 0
+
+
+async def test_nack_takes_one_delivery_out_of_its_range(tmp_path: Path) -> None:
+    async with started_broker(tmp_path, subscription()) as broker:
+        await broker.publish(envelopes(4))
+        deliveries = await fetch_exactly(broker, SUBSCRIPTION, 4)
+        await broker.nack(SUBSCRIPTION, [Nack(deliveries[2].tag, delay=0.0)])
+        await broker.nack(SUBSCRIPTION, [Nack(deliveries[2].tag, delay=0.0)])
+        await broker.ack(SUBSCRIPTION, [deliveries[0].tag, deliveries[1].tag, deliveries[3].tag])
+        held = await subscription_stats(broker)
+
+        again = await fetch_exactly(broker, SUBSCRIPTION, 1)
+        await broker.ack(SUBSCRIPTION, [again[0].tag])
+        stats = await subscription_stats(broker)
+
+    assert (held["acked"], held["in_flight"], held["pending"]) == (3, 0, 1)
+    assert bodies(again) == [b"2"]
+    assert again[0].delivery_count == 2
+    assert (stats["acked"], stats["delivered"], stats["redelivered"]) == (4, 5, 1)
+    assert stored_messages(tmp_path / "flow.db") == 0
+
+
+async def test_messages_stay_until_the_slowest_subscription_settles(tmp_path: Path) -> None:
+    path = tmp_path / "flow.db"
+    async with started_broker(tmp_path, subscription(), subscription("audit")) as broker:
+        await broker.publish(envelopes(5))
+        billing = await fetch_exactly(broker, SUBSCRIPTION, 5)
+        await broker.ack(SUBSCRIPTION, [delivery.tag for delivery in billing])
+        after_billing = stored_messages(path)
+
+        audit = await fetch_exactly(broker, "audit", 5)
+        await broker.ack("audit", [delivery.tag for delivery in audit[:2]])
+        after_two = stored_messages(path)
+        await broker.ack("audit", [delivery.tag for delivery in audit[3:]])
+        out_of_order = stored_messages(path)
+        await broker.ack("audit", [audit[2].tag])
+        after_all = stored_messages(path)
+
+    assert (after_billing, after_two, out_of_order, after_all) == (5, 3, 3, 0)
+
+
+async def test_subscription_left_out_of_the_flow_keeps_no_messages(tmp_path: Path) -> None:
+    path = tmp_path / "flow.db"
+    async with started_broker(tmp_path, subscription(), subscription("audit")) as broker:
+        await broker.publish(envelopes(3))
+
+    async with started_broker(tmp_path, subscription()) as broker:
+        deliveries = await fetch_exactly(broker, SUBSCRIPTION, 3)
+        await broker.ack(SUBSCRIPTION, [delivery.tag for delivery in deliveries])
+    without_audit = stored_messages(path)
+
+    async with started_broker(tmp_path, subscription(), subscription("audit")) as broker:
+        gone = await subscription_stats(broker, "audit")
+        await broker.publish(envelopes(1))
+        audit = await fetch_exactly(broker, "audit", 1)
+        await broker.ack("audit", [audit[0].tag])
+        settled = await broker.all_settled(["audit"])
+
+    assert without_audit == 0
+    assert (gone["pending"], gone["in_flight"]) == (0, 0)
+    assert bodies(audit) == [b"0"]
+    assert settled
+
+
+async def test_ordered_subscription_keeps_key_order_beside_a_range_subscription(tmp_path: Path) -> None:
+    async with started_broker(tmp_path, subscription(ordered=True), subscription("audit")) as broker:
+        await broker.publish(envelopes(2))
+        first = await fetch_exactly(broker, SUBSCRIPTION, 1)
+        audit = await fetch_exactly(broker, "audit", 2)
+        await broker.ack("audit", [delivery.tag for delivery in audit])
+        await broker.ack(SUBSCRIPTION, [first[0].tag])
+        second = await fetch_exactly(broker, SUBSCRIPTION, 1)
+        await broker.ack(SUBSCRIPTION, [second[0].tag])
+        settled = await broker.all_settled([SUBSCRIPTION, "audit"])
+
+    assert bodies(first) + bodies(second) == [b"0", b"1"]
+    assert settled
+    assert stored_messages(tmp_path / "flow.db") == 0
+
+
+async def test_schema_1_file_is_upgraded_and_keeps_its_messages(tmp_path: Path) -> None:
+    # The file was written by the schema-1 broker: six messages on Orders; billing acked
+    # "0", dead-lettered "3", holds "2" under a lease that expired long ago, and waits to
+    # redeliver "1"; audit has fetched nothing.
+    path = tmp_path / "flow.db"
+    shutil.copy(SCHEMA_1_FILE, path)
+    topology = make_topology(subscription(dead_letter=DEAD_LETTER_TOPIC), subscription("audit"))
+    broker = SqliteBroker(path)
+    await broker.start(topology)
+    try:
+        billing = await fetch_exactly(broker, SUBSCRIPTION, 4)
+        await broker.publish([envelope(body=b"6"), envelope(body=b"7")])
+        billing += await fetch_exactly(broker, SUBSCRIPTION, 2)
+        audit = await fetch_exactly(broker, "audit", 8)
+        await broker.ack(SUBSCRIPTION, [delivery.tag for delivery in billing])
+        await broker.ack("audit", [delivery.tag for delivery in audit])
+        stats = (await broker.stats())["subscriptions"]
+        letters = await broker.dead_letters()
+    finally:
+        await broker.close()
+
+    counts = {delivery.envelope.body: delivery.delivery_count for delivery in billing}
+    assert counts == {b"1": 2, b"2": 2, b"4": 1, b"5": 1, b"6": 1, b"7": 1}
+    assert len(billing) == 6
+    assert bodies(audit) == [b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7"]
+    assert (stats[SUBSCRIPTION]["acked"], stats[SUBSCRIPTION]["dead_lettered"]) == (7, 1)
+    assert (stats["audit"]["acked"], stats["audit"]["pending"], stats["audit"]["in_flight"]) == (8, 0, 0)
+    assert [letter["body"] for letter in letters] == [b"3"]
+    assert stored_messages(path) == 0
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+
+
+async def test_file_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "flow.db"
+    async with started_broker(tmp_path, subscription()):
+        pass
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+
+    broker = SqliteBroker(path)
+    with pytest.raises(BrokerError) as caught:
+        await broker.start(make_topology(subscription()))
+    await broker.close()
+
+    assert f"{path} has schema version 3, written by a newer flowrun" in str(caught.value)
+
+
+async def test_publish_after_all_messages_deleted_continues_the_range(tmp_path: Path) -> None:
+    async with started_broker(tmp_path, subscription()) as broker:
+        for _ in range(3):
+            await broker.publish(envelopes(2))
+            deliveries = await fetch_exactly(broker, SUBSCRIPTION, 2)
+            await broker.ack(SUBSCRIPTION, [delivery.tag for delivery in deliveries])
+            await asyncio.sleep(0)
+        stats = await subscription_stats(broker)
+
+    assert (stats["acked"], stats["delivered"], stats["pending"]) == (6, 6, 0)
