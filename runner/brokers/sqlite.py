@@ -85,7 +85,7 @@ class _PublishBatch:
         self.first: dict[str, int] = {}
         self.last: dict[str, int] = {}
 
-    def add(self, envelope: Envelope, holders: list[SubscriptionConfig]) -> None:
+    def add(self, envelope: Envelope, holders: list[SubscriptionConfig] | None) -> None:
         if envelope.dedupe:
             self.seen_rows.append((envelope.id, envelope.published_at))
         topic = envelope.topic
@@ -106,7 +106,9 @@ class _Tag(NamedTuple):
     """One delivery: the message's seq and the lease number of the fetch that leased it.
 
     A tuple, because tags are hashed several times per delivery and a tuple hashes in C.
-    All rows of one fetch share a lease number, and the seq distinguishes them.
+    All rows of one fetch share a lease number, and the seq distinguishes them. Fetches
+    from a topic's range build plain `(seq, lease)` tuples, which equal these and cost a
+    third of a NamedTuple to create.
     """
 
     seq: int
@@ -291,22 +293,31 @@ class _Store:
         Ids already seen within the dedup window are skipped.
         """
         seen = self._seen_ids([envelope.id for envelope in envelopes if envelope.dedupe])
+        # Messages each topic's subscriptions still take in this call.
         room: dict[str, int] = {}
         batch = _PublishBatch(self.clock.wall(), self._head)
+        by_topic = self.by_topic
         stored = len(envelopes)
 
         for index, envelope in enumerate(envelopes):
-            if envelope.dedupe and envelope.id in seen:
-                logger.debug("skipped message %s: its id was already published", envelope.id)
-                continue
-
-            holders = self.by_topic.get(envelope.topic, [])
-            if bounded and holders and not self._take_room(envelope.topic, holders, room, first=index == 0):
-                stored = index
-                break
-
             if envelope.dedupe:
+                if envelope.id in seen:
+                    logger.debug("skipped message %s: its id was already published", envelope.id)
+                    continue
                 seen.add(envelope.id)
+
+            topic = envelope.topic
+            holders = by_topic.get(topic)
+            if holders and bounded:
+                left = room.get(topic)
+                if left is None:
+                    left = self._room(holders)
+                if left <= 0:
+                    if index == 0:
+                        self._reject_if_full(topic, holders)
+                    stored = index
+                    break
+                room[topic] = left - 1
             batch.add(envelope, holders)
 
         self._write_batch(batch)
@@ -325,26 +336,25 @@ class _Store:
         (head,) = self._db.execute("SELECT head FROM topics WHERE name = ?", (topic,)).fetchone()
         return int(head)
 
-    def _take_room(self, topic: str, holders: list[SubscriptionConfig], room: dict[str, int], first: bool) -> bool:
-        """Take room for one message in every holder; return False, taking none, if one is full.
+    def _room(self, holders: list[SubscriptionConfig]) -> int:
+        """Return how many more messages every one of these subscriptions takes before max_pending."""
+        return min(config.max_pending - self._size(config.name) for config in holders)
 
-        Raises QueueFullError for the `first` envelope of a call when a full holder rejects.
-        """
+    def _size(self, subscription: str) -> int:
+        (size,) = self._db.execute("SELECT size FROM subscriptions WHERE name = ?", (subscription,)).fetchone()
+        return int(size)
+
+    def _reject_if_full(self, topic: str, holders: list[SubscriptionConfig]) -> None:
+        """Raise QueueFullError when the first full subscription of the topic rejects on full."""
         for config in holders:
-            if config.name not in room:
-                (size,) = self._db.execute("SELECT size FROM subscriptions WHERE name = ?", (config.name,)).fetchone()
-                room[config.name] = config.max_pending - size
-            if room[config.name] > 0:
+            if config.max_pending - self._size(config.name) > 0:
                 continue
-            if config.on_full is OnFull.REJECT and first:
+            if config.on_full is OnFull.REJECT:
                 raise QueueFullError(
                     f"subscription '{config.name}' of topic '{topic}' has {config.max_pending} unsettled messages, "
                     "its max_pending; retry later or raise max_pending"
                 )
-            return False
-        for config in holders:
-            room[config.name] -= 1
-        return True
+            return
 
     def _write_batch(self, batch: _PublishBatch) -> None:
         connection = self._db
@@ -447,7 +457,7 @@ class _Store:
         lease = self.leases
         deliveries = [
             Delivery(Envelope(message_id, topic, body, key, orjson.loads(headers) if headers != "{}" else {},
-                              published_at), name, 1, _Tag(seq, lease), now)
+                              published_at), name, 1, (seq, lease), now)
             for seq, message_id, body, key, headers, published_at in rows
         ]
 
@@ -557,7 +567,7 @@ class _Store:
         now = self.clock.wall()
         self._expire_ranges(subscription, now)
         expired = []
-        for tag in tags:
+        for tag in map(_Tag._make, tags):
             row = self._db.execute(
                 "SELECT d.visible_at, m.id FROM deliveries d JOIN messages m ON m.seq = d.seq "
                 "WHERE d.subscription = ? AND d.seq = ? AND d.leased = 1 AND d.lease = ?",
@@ -582,17 +592,20 @@ class _Store:
                                   deadline)
             connection.execute("DELETE FROM leases WHERE subscription = ? AND lease = ?", (subscription, lease))
 
-    def _take_from_ranges(self, subscription: str, tags: Sequence[_Tag]) -> tuple[list[_Held], list[_Tag]]:
+    def _take_from_ranges(self, subscription: str, tags: Sequence[_Tag],
+                          collect: bool = True) -> tuple[int, list[_Held], list[_Tag]]:
         """Remove these deliveries from their range leases.
 
-        Returns the deliveries the range leases still held, and the tags of other leases:
-        row leases, or range leases that expired and became rows.
+        Returns how many the range leases still held, those deliveries when `collect` is
+        set, and the tags of other leases: row leases, or range leases that expired and
+        became rows.
         """
         connection = self._db
         by_lease: dict[int, list[int]] = {}
         for seq, lease in tags:
             by_lease.setdefault(lease, []).append(seq)
 
+        count = 0
         held: list[_Held] = []
         others: list[_Tag] = []
         for lease, seqs in by_lease.items():
@@ -603,20 +616,23 @@ class _Store:
                 continue
             first, pending, fetched_at = row
             mask = int.from_bytes(pending, "little")
-            before = mask
+            cleared = 0
             for seq in seqs:
-                bit = 1 << (seq - first)
-                if mask & bit:
-                    mask ^= bit
-                    held.append(_Held(seq, lease, fetched_at))
-            if mask == before:
+                cleared |= 1 << (seq - first)
+            cleared &= mask
+            if not cleared:
                 continue
+
+            count += cleared.bit_count()
+            if collect:
+                held += [_Held(seq, lease, fetched_at) for seq in _pending_seqs(first, _mask_bytes(cleared))]
+            mask ^= cleared
             if mask:
                 connection.execute("UPDATE leases SET pending = ?, low = ? WHERE subscription = ? AND lease = ?",
                                    (_mask_bytes(mask), first + (mask & -mask).bit_length() - 1, subscription, lease))
             else:
                 connection.execute("DELETE FROM leases WHERE subscription = ? AND lease = ?", (subscription, lease))
-        return held, others
+        return count, held, others
 
     def _rows_from_range(self, subscription: str, held: Sequence[_Held], visible_at: float) -> None:
         """Give deliveries taken out of range leases leased rows, so they record retries like any row."""
@@ -638,8 +654,7 @@ class _Store:
                     acked += 1
         in_ranges = 0
         if config.ack is not AckPolicy.NONE:
-            held, others = self._take_from_ranges(subscription, tags)
-            in_ranges = len(held)
+            in_ranges, _, others = self._take_from_ranges(subscription, tags, collect=False)
             if in_ranges:
                 self.trimmable.add(config.topic)
             seqs = self._delete_leased(subscription, others) if others else []
@@ -653,23 +668,24 @@ class _Store:
     def nack(self, subscription: str, nacks: Sequence[Nack]) -> None:
         config = self.configs[subscription]
         for nack in nacks:
+            tag = _Tag._make(nack.tag)
             if config.ack is AckPolicy.NONE:
-                if (subscription, nack.tag) not in self.unsettled:
+                if (subscription, tag) not in self.unsettled:
                     continue
-                self.unsettled.discard((subscription, nack.tag))
+                self.unsettled.discard((subscription, tag))
                 self._count(subscription, "dropped")
-                logger.warning("dropped message seq %d of subscription '%s' (ack: none): %s", nack.tag.seq,
+                logger.warning("dropped message seq %d of subscription '%s' (ack: none): %s", tag.seq,
                                subscription, nack.error.message if nack.error else "no error recorded")
                 continue
-            if self._claim(subscription, nack.tag):
-                self._settle_failure(config, nack.tag, nack.delay, nack.error, nack.terminal, nack.dead_letter)
+            if self._claim(subscription, tag):
+                self._settle_failure(config, tag, nack.delay, nack.error, nack.terminal, nack.dead_letter)
 
     def _claim(self, subscription: str, tag: _Tag) -> bool:
         """Return whether the tag's lease still holds its delivery, which is then a leased row.
 
         A delivery taken out of a range lease becomes a row, which records its retries.
         """
-        held, others = self._take_from_ranges(subscription, [tag])
+        _, held, others = self._take_from_ranges(subscription, [tag])
         if held:
             self._rows_from_range(subscription, held, self.clock.wall())
             return True
@@ -840,7 +856,7 @@ class _Store:
             return
 
         # Deliveries of range leases become ready rows, as if never fetched.
-        held, others = self._take_from_ranges(subscription, tags)
+        _, held, others = self._take_from_ranges(subscription, tags)
         now = self.clock.wall()
         self._db.executemany("INSERT INTO deliveries (subscription, seq, key, visible_at) SELECT ?, seq, key, ? "
                              "FROM messages WHERE seq = ?", [(subscription, now, seq) for seq, _, _ in held])
