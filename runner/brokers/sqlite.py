@@ -58,6 +58,10 @@ FREE_PAGES_KEPT = 2_000
 
 
 SQL_CHUNK = 400
+# Values per message in _insert_messages, and messages per INSERT statement at most
+# (128 x 7 stays under the 999 variables of SQLite before 3.32).
+MESSAGE_COLUMNS = 7
+MESSAGE_CHUNK = 128
 # DELETE ... RETURNING needs SQLite 3.35 (2021). Python links the system's SQLite, so older
 # libraries take a SELECT and a DELETE instead.
 HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
@@ -80,7 +84,8 @@ class _PublishBatch:
         self.now = now
         self.head_of = head_of
         self.seen_rows: list[tuple[str, float]] = []
-        self.message_rows: list[tuple[Any, ...]] = []
+        # The values of every stored message, MESSAGE_COLUMNS per message, one after another.
+        self.message_values: list[Any] = []
         self.published: dict[str, int] = {}
         self.first: dict[str, int] = {}
         self.last: dict[str, int] = {}
@@ -98,8 +103,8 @@ class _PublishBatch:
             last = self.head_of(topic)
             self.first[topic] = last + 1
         seq = self.last[topic] = last + 1
-        self.message_rows.append((seq, envelope.id, topic, envelope.body, envelope.key,
-                                  _headers_text(envelope.headers), envelope.published_at))
+        self.message_values += (seq, envelope.id, topic, envelope.body, envelope.key,
+                                _headers_text(envelope.headers), envelope.published_at)
 
 
 class _Tag(NamedTuple):
@@ -364,12 +369,8 @@ class _Store:
             connection.executemany("UPDATE topics SET published = published + ?, head = COALESCE(?, head) "
                                    "WHERE name = ?",
                                    [(count, batch.last.get(topic), topic) for topic, count in batch.published.items()])
-        if batch.message_rows:
-            connection.executemany(
-                "INSERT INTO messages (seq, id, topic, body, key, headers, published_at, holders) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                batch.message_rows,
-            )
+        if batch.message_values:
+            self._insert_messages(batch.message_values)
             self._count_arrivals(batch)
 
         self.publishes_since_purge += len(batch.seen_rows)
@@ -377,6 +378,23 @@ class _Store:
             self.publishes_since_purge = 0
             cutoff = self.clock.wall() - self.dedup_window
             connection.execute("DELETE FROM seen_ids WHERE published_at < ?", (cutoff,))
+
+    def _insert_messages(self, values: list[Any]) -> None:
+        """Insert messages with statements of many rows each.
+
+        The sqlite3 module releases and takes back the GIL around every statement step,
+        and executemany steps once per row. With the event loop busy, each of those GIL
+        hand-overs costs more than inserting the row, so rows go in chunks of up to
+        MESSAGE_CHUNK, split into powers of two so that few statement texts are compiled.
+        """
+        connection = self._db
+        start = 0
+        while start < len(values):
+            rows = min((len(values) - start) // MESSAGE_COLUMNS, MESSAGE_CHUNK)
+            rows = 1 << (rows.bit_length() - 1)
+            end = start + rows * MESSAGE_COLUMNS
+            connection.execute(_insert_messages_sql(rows), values[start:end])
+            start = end
 
     def _count_arrivals(self, batch: _PublishBatch) -> None:
         """Grow every subscription of the batch's topics; ordered ones take the messages as delivery rows."""
@@ -1021,6 +1039,12 @@ class _Transaction:
             self.connection.execute("COMMIT")
         else:
             self.connection.execute("ROLLBACK")
+
+
+@functools.cache
+def _insert_messages_sql(rows: int) -> str:
+    return ("INSERT INTO messages (seq, id, topic, body, key, headers, published_at, holders) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?, ?, ?, 0)"] * rows))
 
 
 def _pending_blob(first: int, seqs: list[int]) -> bytes:
