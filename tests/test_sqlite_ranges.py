@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flowrun.broker import Nack
+from flowrun.brokers import sqlite as sqlite_backend
 from flowrun.brokers.sqlite import SqliteBroker
 from flowrun.errors import BrokerError
 from tests.conftest import make_topology
@@ -189,3 +190,38 @@ async def test_publish_after_all_messages_deleted_continues_the_range(tmp_path: 
         stats = await subscription_stats(broker)
 
     assert (stats["acked"], stats["delivered"], stats["pending"]) == (6, 6, 0)
+
+
+async def test_fetch_mixes_messages_of_two_processes_and_evicted_ones(tmp_path: Path, monkeypatch) -> None:
+    # A fetch takes the messages its own process published from memory, and reads the
+    # rest: another process's messages, and its own once evicted from memory.
+    monkeypatch.setattr(sqlite_backend, "RECENT_MESSAGES", 5)
+    topology = make_topology(subscription())
+    first = SqliteBroker(tmp_path / "flow.db")
+    second = SqliteBroker(tmp_path / "flow.db")
+    await first.start(topology)
+    await second.start(topology)
+    reads: list[tuple[int, int]] = []
+    read = first._store._read_deliveries
+
+    def counted_read(config, low, high, lease, now):
+        reads.append((low, high))
+        return read(config, low, high, lease, now)
+
+    monkeypatch.setattr(first._store, "_read_deliveries", counted_read)
+    try:
+        await first.publish([envelope(body=b"1"), envelope(body=b"2")])
+        await second.publish([envelope(body=b"3")])
+        await first.publish([envelope(body=str(number).encode()) for number in range(4, 9)])
+        deliveries = await fetch_exactly(first, SUBSCRIPTION, 3)
+        deliveries += await fetch_exactly(first, SUBSCRIPTION, 5)
+        await first.ack(SUBSCRIPTION, [delivery.tag for delivery in deliveries])
+        stats = await subscription_stats(first)
+    finally:
+        await first.close()
+        await second.close()
+
+    assert bodies(deliveries) == [b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"8"]
+    assert len(reads) == 1
+    assert reads[0][1] - reads[0][0] == 2
+    assert (stats["acked"], stats["pending"], stats["in_flight"]) == (8, 0, 0)

@@ -22,6 +22,7 @@ import json
 import logging
 import secrets
 import sqlite3
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -52,6 +53,10 @@ BUSY_TIMEOUT_MS = 30_000
 # Commits of this process wake waiters at once.
 CROSS_PROCESS_POLL_SECONDS = 0.05
 SEEN_ID_PURGE_EVERY = 1000
+# Bounds of the recently published messages kept in memory for fetches (see _take_range):
+# room for a backlog of the default max_pending (10,000) on two topics.
+RECENT_MESSAGES = 20_000
+RECENT_BYTES = 16 * 1024 * 1024
 # Every VACUUM_EVERY removed deliveries, free pages beyond FREE_PAGES_KEPT are released.
 VACUUM_EVERY = 10_000
 FREE_PAGES_KEPT = 2_000
@@ -87,6 +92,9 @@ class _PublishBatch:
         # The values of every stored message, MESSAGE_COLUMNS per message, one after another.
         self.message_values: list[Any] = []
         self.published: dict[str, int] = {}
+        # The stored envelopes of each topic, in seq order from first[topic].
+        self.stored: dict[str, list[Envelope]] = {}
+        self.stored_bytes = 0
         self.first: dict[str, int] = {}
         self.last: dict[str, int] = {}
 
@@ -102,7 +110,10 @@ class _PublishBatch:
         if last is None:
             last = self.head_of(topic)
             self.first[topic] = last + 1
+            self.stored[topic] = []
         seq = self.last[topic] = last + 1
+        self.stored[topic].append(envelope)
+        self.stored_bytes += len(envelope.body)
         self.message_values += (seq, envelope.id, topic, envelope.body, envelope.key,
                                 _headers_text(envelope.headers), envelope.published_at)
 
@@ -150,6 +161,17 @@ class _Store:
         self.publishes_since_purge = 0
         self.removed_since_vacuum = 0
         self.data_version = -1
+        # Messages this process published, so that a fetch soon after the publish takes
+        # them from memory instead of reading them back; see _take_range. Per topic, runs
+        # of consecutive seqs (first seq, envelopes), oldest first, as publish calls stored them.
+        self.recent: dict[str, deque[tuple[int, list[Envelope]]]] = {}
+        # Every run in `recent` as (topic, messages, bytes), oldest first, for eviction.
+        self.recent_runs: deque[tuple[str, int, int]] = deque()
+        self.recent_messages = 0
+        self.recent_bytes = 0
+        # Runs published in the open transaction, kept in `recent` once it commits.
+        self.staged: list[tuple[str, int, list[Envelope]]] = []
+        self.staged_bytes = 0
         # Subscriptions that received messages since the broker last took this set.
         self.arrivals: set[str] = set()
         # Deliveries under ack: none that are not settled yet; they have no row any more.
@@ -280,7 +302,27 @@ class _Store:
         return self.connection
 
     def transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._keep_staged, self._drop_staged)
+
+    def _keep_staged(self) -> None:
+        """Keep the runs of the committed transaction in `recent`, dropping the oldest beyond its bounds."""
+        share = self.staged_bytes // max(sum(len(run) for _, _, run in self.staged), 1)
+        for topic, first, run in self.staged:
+            self.recent.setdefault(topic, deque()).append((first, run))
+            self.recent_runs.append((topic, len(run), share * len(run)))
+            self.recent_messages += len(run)
+            self.recent_bytes += share * len(run)
+        self._drop_staged()
+
+        while self.recent_messages > RECENT_MESSAGES or self.recent_bytes > RECENT_BYTES:
+            topic, messages, size = self.recent_runs.popleft()
+            self.recent[topic].popleft()
+            self.recent_messages -= messages
+            self.recent_bytes -= size
+
+    def _drop_staged(self) -> None:
+        self.staged.clear()
+        self.staged_bytes = 0
 
     def close(self) -> None:
         if self.connection is not None:
@@ -372,6 +414,8 @@ class _Store:
         if batch.message_values:
             self._insert_messages(batch.message_values)
             self._count_arrivals(batch)
+            self.staged += [(topic, batch.first[topic], stored) for topic, stored in batch.stored.items()]
+            self.staged_bytes += batch.stored_bytes
 
         self.publishes_since_purge += len(batch.seen_rows)
         if self.publishes_since_purge >= SEEN_ID_PURGE_EVERY:
@@ -462,22 +506,21 @@ class _Store:
         name = config.name
         topic = config.topic
         (cursor,) = connection.execute("SELECT cursor FROM subscriptions WHERE name = ?", (name,)).fetchone()
-        rows = connection.execute(
-            "SELECT seq, id, body, key, headers, published_at FROM messages WHERE seq > ? AND seq < ? "
-            "ORDER BY seq LIMIT ?", (cursor, self.bases[topic] + TOPIC_BASE, limit),
-        ).fetchall()
-        if not rows:
+        # A topic's messages are deleted oldest first, so from the first one after the
+        # cursor they are stored without a gap up to the head.
+        first, head = connection.execute(
+            "SELECT MIN(seq), (SELECT head FROM topics WHERE name = ?) FROM messages WHERE seq > ? AND seq < ?",
+            (topic, cursor, self.bases[topic] + TOPIC_BASE),
+        ).fetchone()
+        if first is None:
             return []
 
-        first = rows[0][0]
-        last = rows[-1][0]
+        last = min(first + limit - 1, head)
         self.leases += 1
         lease = self.leases
-        deliveries = [
-            Delivery(Envelope(message_id, topic, body, key, orjson.loads(headers) if headers != "{}" else {},
-                              published_at), name, 1, (seq, lease), now)
-            for seq, message_id, body, key, headers, published_at in rows
-        ]
+        deliveries = self._recent_deliveries(config, first, last, lease, now)
+        if deliveries is None:
+            deliveries = self._read_deliveries(config, first, last, lease, now)
 
         # Messages deleted past the cursor left the subscription's size; see _place_cursor.
         gone = first - cursor - 1
@@ -487,16 +530,52 @@ class _Store:
         if config.ack is AckPolicy.NONE:
             # At-most-once: the messages leave the queue as they are delivered.
             connection.execute("UPDATE subscriptions SET cursor = ?, size = size - ? WHERE name = ?",
-                               (last, gone + len(rows), name))
+                               (last, gone + len(deliveries), name))
             self.unsettled.update((name, delivery.tag) for delivery in deliveries)
             self.trimmable.add(topic)
             return deliveries
 
         connection.execute("UPDATE subscriptions SET cursor = ?, size = size - ? WHERE name = ?", (last, gone, name))
         connection.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           (name, lease, first, last, _pending_blob(first, [row[0] for row in rows]), first,
+                           (name, lease, first, last, _mask_bytes((1 << (last - first + 1)) - 1), first,
                             now + config.ack_timeout, now))
         return deliveries
+
+    def _recent_deliveries(self, config: SubscriptionConfig, first: int, last: int, lease: int,
+                           now: float) -> list[Delivery] | None:
+        """Deliveries of seqs `first` to `last` from `recent`, or None if one of them is not there."""
+        envelopes: list[Envelope] = []
+        seq = first
+        for start, run in self.recent.get(config.topic, ()):
+            if start + len(run) <= seq:
+                continue
+            if start > seq:
+                return None
+            envelopes += run[seq - start:last + 1 - start]
+            seq = first + len(envelopes)
+            if seq > last:
+                break
+        if seq <= last:
+            return None
+        name = config.name
+        return [Delivery(envelope, name, 1, (number, lease), now)
+                for number, envelope in enumerate(envelopes, first)]
+
+    def _read_deliveries(self, config: SubscriptionConfig, first: int, last: int, lease: int,
+                         now: float) -> list[Delivery]:
+        """Deliveries of seqs `first` to `last`, read from the database."""
+        name = config.name
+        topic = config.topic
+        rows = self._db.execute("SELECT seq, id, body, key, headers, published_at FROM messages "
+                                "WHERE seq BETWEEN ? AND ?", (first, last)).fetchall()
+        if len(rows) != last - first + 1:
+            raise BrokerError(f"messages {first} to {last} of topic '{topic}' in {self.path} have gaps; the "
+                              "database was changed by something other than flowrun")
+        return [
+            Delivery(Envelope(message_id, topic, body, key, orjson.loads(headers) if headers != "{}" else {},
+                              published_at), name, 1, (seq, lease), now)
+            for seq, message_id, body, key, headers, published_at in rows
+        ]
 
     def _ready_rows(self, config: SubscriptionConfig, now: float, limit: int) -> list[tuple[Any, ...]]:
         # A delivery's topic is its subscription's topic, so the query does not read it.
@@ -1020,10 +1099,16 @@ class _Store:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on error; nested uses join the outer one."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error; nested uses join the outer one.
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    The outer one calls `committed` after its COMMIT and `rolled_back` after a rollback.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, committed: Callable[[], None],
+                 rolled_back: Callable[[], None]) -> None:
         self.connection = connection
+        self.committed = committed
+        self.rolled_back = rolled_back
         self.outer = False
 
     def __enter__(self) -> _Transaction:
@@ -1035,26 +1120,27 @@ class _Transaction:
     def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
         if not self.outer:
             return
-        if kind is None:
+        if kind is not None:
+            self._roll_back()
+            return
+        try:
             self.connection.execute("COMMIT")
-        else:
+        except BaseException:
+            # A COMMIT that failed may leave the transaction open (SQLITE_BUSY does).
+            self._roll_back()
+            raise
+        self.committed()
+
+    def _roll_back(self) -> None:
+        if self.connection.in_transaction:
             self.connection.execute("ROLLBACK")
+        self.rolled_back()
 
 
 @functools.cache
 def _insert_messages_sql(rows: int) -> str:
     return ("INSERT INTO messages (seq, id, topic, body, key, headers, published_at, holders) VALUES "
             + ", ".join(["(?, ?, ?, ?, ?, ?, ?, 0)"] * rows))
-
-
-def _pending_blob(first: int, seqs: list[int]) -> bytes:
-    """Encode the pending seqs of a range lease as bits from `first` on."""
-    if seqs[-1] - first + 1 == len(seqs):
-        return _mask_bytes((1 << len(seqs)) - 1)
-    mask = 0
-    for seq in seqs:
-        mask |= 1 << (seq - first)
-    return _mask_bytes(mask)
 
 
 def _mask_bytes(mask: int) -> bytes:
