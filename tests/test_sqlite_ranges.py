@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ from flowrun.broker import Nack
 from flowrun.brokers import sqlite as sqlite_backend
 from flowrun.brokers.sqlite import SqliteBroker
 from flowrun.errors import BrokerError
+from flowrun.message import Envelope
 from tests.conftest import make_topology
 from tests.conformance.helpers import (
     DEAD_LETTER_TOPIC,
     SUBSCRIPTION,
+    TOPIC,
     envelope,
     envelopes,
     fetch_exactly,
@@ -225,3 +228,18 @@ async def test_fetch_mixes_messages_of_two_processes_and_evicted_ones(tmp_path: 
     assert len(reads) == 1
     assert reads[0][1] - reads[0][0] == 2
     assert (stats["acked"], stats["pending"], stats["in_flight"]) == (8, 0, 0)
+
+
+async def test_publish_stops_at_a_full_subscription_counting_skipped_repeats(tmp_path: Path) -> None:
+    def dedupe(message_id: str) -> Envelope:
+        return Envelope(message_id, TOPIC, message_id.encode(), None, {}, time.time(), dedupe=True)
+
+    async with started_broker(tmp_path, subscription(max_pending=3)) as broker:
+        first_call = [dedupe("a"), dedupe("a"), dedupe("b"), dedupe("c"), dedupe("d"), dedupe("b")]
+        dealt_with = await broker._write(lambda: broker._store.publish(first_call))
+        repeats_only = await broker._write(lambda: broker._store.publish([dedupe("a"), dedupe("c")]))
+        deliveries = await fetch_exactly(broker, SUBSCRIPTION, 3)
+
+    assert dealt_with == 4
+    assert repeats_only == 2
+    assert bodies(deliveries) == [b"a", b"b", b"c"]

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import logging
+import operator
 import secrets
 import sqlite3
 from collections import deque
@@ -98,12 +100,11 @@ class _PublishBatch:
         self.first: dict[str, int] = {}
         self.last: dict[str, int] = {}
 
-    def add(self, envelope: Envelope, holders: list[SubscriptionConfig] | None) -> None:
-        if envelope.dedupe:
-            self.seen_rows.append((envelope.id, envelope.published_at))
-        topic = envelope.topic
-        self.published[topic] = self.published.get(topic, 0) + 1
-        if not holders:
+    def add(self, topic: str, run: list[Envelope], holders: list[SubscriptionConfig] | None) -> None:
+        """Add consecutive envelopes of one topic."""
+        self.seen_rows += [(envelope.id, envelope.published_at) for envelope in run if envelope.dedupe]
+        self.published[topic] = self.published.get(topic, 0) + len(run)
+        if not holders or not run:
             return
 
         last = self.last.get(topic)
@@ -111,11 +112,42 @@ class _PublishBatch:
             last = self.head_of(topic)
             self.first[topic] = last + 1
             self.stored[topic] = []
-        seq = self.last[topic] = last + 1
-        self.stored[topic].append(envelope)
-        self.stored_bytes += len(envelope.body)
-        self.message_values += (seq, envelope.id, topic, envelope.body, envelope.key,
-                                _headers_text(envelope.headers), envelope.published_at)
+        self.last[topic] = last + len(run)
+        self.stored[topic] += run
+        values = self.message_values
+        for seq, envelope in enumerate(run, last + 1):
+            self.stored_bytes += len(envelope.body)
+            values += (seq, envelope.id, topic, envelope.body, envelope.key,
+                       _headers_text(envelope.headers) if envelope.headers else "{}", envelope.published_at)
+
+
+class _Repeats:
+    """Positions, in one publish call, of envelopes skipped because their id was published already."""
+
+    def __init__(self, positions: set[int]) -> None:
+        self.positions = positions
+
+    def skipped_before(self, kept: int) -> int:
+        """Return how many repeats come before the first envelope after the first `kept` kept ones.
+
+        Together with `kept`, that is the position where the call stopped.
+        """
+        skipped = 0
+        for position in sorted(self.positions):
+            if position - skipped >= kept:
+                break
+            skipped += 1
+        return skipped
+
+
+def _topic_runs(envelopes: Sequence[Envelope], repeats: _Repeats) -> list[tuple[str, list[Envelope]]]:
+    """Split the envelopes that are not repeats into runs of consecutive envelopes of one topic."""
+    if repeats.positions:
+        envelopes = [envelope for position, envelope in enumerate(envelopes) if position not in repeats.positions]
+    return [(topic, list(run)) for topic, run in itertools.groupby(envelopes, key=_TOPIC_OF)]
+
+
+_TOPIC_OF = operator.attrgetter("topic")
 
 
 class _Tag(NamedTuple):
@@ -339,36 +371,48 @@ class _Store:
         full raises only for the first envelope, so the envelopes before it are stored.
         Ids already seen within the dedup window are skipped.
         """
-        seen = self._seen_ids([envelope.id for envelope in envelopes if envelope.dedupe])
+        repeats = self._repeats(envelopes)
         # Messages each topic's subscriptions still take in this call.
         room: dict[str, int] = {}
         batch = _PublishBatch(self.clock.wall(), self._head)
         by_topic = self.by_topic
-        stored = len(envelopes)
+        stored = 0
 
-        for index, envelope in enumerate(envelopes):
-            if envelope.dedupe:
-                if envelope.id in seen:
-                    logger.debug("skipped message %s: its id was already published", envelope.id)
-                    continue
-                seen.add(envelope.id)
-
-            topic = envelope.topic
+        for topic, run in _topic_runs(envelopes, repeats):
             holders = by_topic.get(topic)
+            fits = len(run)
             if holders and bounded:
                 left = room.get(topic)
                 if left is None:
                     left = self._room(holders)
-                if left <= 0:
-                    if index == 0:
-                        self._reject_if_full(topic, holders)
-                    stored = index
-                    break
-                room[topic] = left - 1
-            batch.add(envelope, holders)
+                if left <= 0 and stored == 0:
+                    self._reject_if_full(topic, holders)
+                fits = max(min(left, fits), 0)
+                room[topic] = left - fits
+            batch.add(topic, run[:fits], holders)
+            stored += fits
+            if fits < len(run):
+                self._write_batch(batch)
+                return stored + repeats.skipped_before(stored)
 
         self._write_batch(batch)
-        return stored
+        return len(envelopes)
+
+    def _repeats(self, envelopes: Sequence[Envelope]) -> _Repeats:
+        """Find the envelopes whose ids were published within the dedup window, or earlier in this call."""
+        ids = [envelope.id for envelope in envelopes if envelope.dedupe]
+        if not ids:
+            return _Repeats(set())
+        seen = self._seen_ids(ids)
+        positions: set[int] = set()
+        for position, envelope in enumerate(envelopes):
+            if not envelope.dedupe:
+                continue
+            if envelope.id in seen:
+                logger.debug("skipped message %s: its id was already published", envelope.id)
+                positions.add(position)
+            seen.add(envelope.id)
+        return _Repeats(positions)
 
     def _seen_ids(self, ids: list[str]) -> set[str]:
         seen: set[str] = set()
