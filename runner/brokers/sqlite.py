@@ -729,8 +729,8 @@ class _Store:
             "SELECT lease, first_seq, pending, fetched_at, deadline FROM leases WHERE subscription = ? "
             "AND deadline <= ?", (subscription, now),
         ).fetchall():
-            self._rows_from_range(subscription, [(seq, lease, fetched_at) for seq in _pending_seqs(first, pending)],
-                                  deadline)
+            self._rows_from_range(subscription,
+                                  [_Held(seq, lease, fetched_at) for seq in _pending_seqs(first, pending)], deadline)
             connection.execute("DELETE FROM leases WHERE subscription = ? AND lease = ?", (subscription, lease))
 
     def _take_from_ranges(self, subscription: str, tags: Sequence[_Tag],
@@ -1359,9 +1359,9 @@ class SqliteBroker(Broker):
     def _run_jobs_together(self, jobs: list[_Job]) -> list[tuple[bool, Any]]:
         try:
             with self._store.transaction():
-                results = [(True, job.work()) for job in jobs]
+                together = [(True, job.work()) for job in jobs]
                 self._store.trim()
-                return results
+                return together
         except Exception as error:  # noqa: BLE001 - retried one by one below
             if len(jobs) == 1:
                 return [(False, error)]
