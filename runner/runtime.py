@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 # Max items of a sync producer waiting to reach the event loop.
 SYNC_ITERATOR_CHUNK = 256
 # Max items of a producer waiting while the previous batch is being published.
-ASYNC_BATCH = 1024
+ASYNC_BATCH = 256
 DRAIN_CHECK_SECONDS = 0.02
 # Allocations between collections of the youngest generation while a flow runs.
 GC_YOUNG_THRESHOLD = 10_000
