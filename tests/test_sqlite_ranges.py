@@ -96,7 +96,7 @@ async def test_messages_stay_until_the_slowest_subscription_settles(tmp_path: Pa
     assert (after_billing, after_two, out_of_order, after_all) == (5, 3, 3, 0)
 
 
-async def test_subscription_left_out_of_the_flow_keeps_no_messages(tmp_path: Path) -> None:
+async def test_dropped_subscription_keeps_no_messages(tmp_path: Path) -> None:
     path = tmp_path / "flow.db"
     async with started_broker(tmp_path, subscription(), subscription("audit")) as broker:
         await broker.publish(envelopes(3))
@@ -119,7 +119,7 @@ async def test_subscription_left_out_of_the_flow_keeps_no_messages(tmp_path: Pat
     assert settled
 
 
-async def test_ordered_subscription_keeps_key_order_beside_a_range_subscription(tmp_path: Path) -> None:
+async def test_ordered_beside_range_subscription(tmp_path: Path) -> None:
     async with started_broker(tmp_path, subscription(ordered=True), subscription("audit")) as broker:
         await broker.publish(envelopes(2))
         first = await fetch_exactly(broker, SUBSCRIPTION, 1)
@@ -135,10 +135,10 @@ async def test_ordered_subscription_keeps_key_order_beside_a_range_subscription(
     assert stored_messages(tmp_path / "flow.db") == 0
 
 
-async def test_schema_1_file_is_upgraded_and_keeps_its_messages(tmp_path: Path) -> None:
-    # The file was written by the schema-1 broker: six messages on Orders; billing acked
-    # "0", dead-lettered "3", holds "2" under a lease that expired long ago, and waits to
-    # redeliver "1"; audit has fetched nothing.
+async def test_schema_1_file_upgraded_in_place(tmp_path: Path) -> None:
+    # The schema-1 broker wrote this file with six messages on Orders. Billing acked "0",
+    # dead-lettered "3", holds "2" under a lease that expired long ago, and waits to
+    # redeliver "1". Audit has fetched nothing.
     path = tmp_path / "flow.db"
     shutil.copy(SCHEMA_1_FILE, path)
     topology = make_topology(subscription(dead_letter=DEAD_LETTER_TOPIC), subscription("audit"))
@@ -168,7 +168,7 @@ async def test_schema_1_file_is_upgraded_and_keeps_its_messages(tmp_path: Path) 
         assert connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
 
 
-async def test_file_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+async def test_newer_schema_rejected(tmp_path: Path) -> None:
     path = tmp_path / "flow.db"
     async with started_broker(tmp_path, subscription()):
         pass
@@ -183,7 +183,7 @@ async def test_file_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     assert f"{path} has schema version 3, written by a newer flowrun" in str(caught.value)
 
 
-async def test_publish_after_all_messages_deleted_continues_the_range(tmp_path: Path) -> None:
+async def test_range_continues_after_full_drain(tmp_path: Path) -> None:
     async with started_broker(tmp_path, subscription()) as broker:
         for _ in range(3):
             await broker.publish(envelopes(2))
@@ -195,7 +195,7 @@ async def test_publish_after_all_messages_deleted_continues_the_range(tmp_path: 
     assert (stats["acked"], stats["delivered"], stats["pending"]) == (6, 6, 0)
 
 
-async def test_fetch_mixes_messages_of_two_processes_and_evicted_ones(tmp_path: Path, monkeypatch) -> None:
+async def test_fetch_reads_what_memory_lacks(tmp_path: Path, monkeypatch) -> None:
     # A fetch takes the messages its own process published from memory, and reads the
     # rest: another process's messages, and its own once evicted from memory.
     monkeypatch.setattr(sqlite_backend, "RECENT_MESSAGES", 5)
@@ -230,7 +230,7 @@ async def test_fetch_mixes_messages_of_two_processes_and_evicted_ones(tmp_path: 
     assert (stats["acked"], stats["pending"], stats["in_flight"]) == (8, 0, 0)
 
 
-async def test_publish_stops_at_a_full_subscription_counting_skipped_repeats(tmp_path: Path) -> None:
+async def test_publish_cut_counts_skipped_repeats(tmp_path: Path) -> None:
     def dedupe(message_id: str) -> Envelope:
         return Envelope(message_id, TOPIC, message_id.encode(), None, {}, time.time(), dedupe=True)
 

@@ -2,9 +2,9 @@
 
 A message is on disk once `publish` returns. Each topic is a range of seqs in `messages`,
 stored once however many subscriptions it has. A subscription reads its topic's range in
-order through a cursor, and each fetch from the range is one row in `leases`, held until
-the ack timeout, so after a crash the leases of the dead process expire and its messages
-are delivered again, and nothing else is. A message that needs its own state (a retry,
+order through a cursor. Each fetch from the range is one row in `leases`, held until the
+ack timeout, so after a crash the leases of the dead process expire. Its messages are
+then delivered again, and nothing else is. A message that needs its own state (a retry,
 a message of an ordered subscription) gets a row in `deliveries`. A topic's messages are
 deleted once every subscription is past them. Several processes may open the same file:
 each fetch is one write transaction, so they compete for messages and each delivery goes
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 # A topic's messages have the seqs after its number << TOPIC_SHIFT. Seqs up to TOPIC_BASE
-# are messages held by delivery rows alone.
+# are messages that only delivery rows refer to.
 TOPIC_SHIFT = 40
 TOPIC_BASE = 1 << TOPIC_SHIFT
 BUSY_TIMEOUT_MS = 30_000
@@ -163,8 +163,8 @@ class _Tag(NamedTuple):
     lease: int
 
 
-class _Held(NamedTuple):
-    """A delivery that a range lease still held when it was taken out of the lease."""
+class _RangeDelivery(NamedTuple):
+    """A delivery taken out of its range lease while the lease still had it pending."""
 
     seq: int
     lease: int
@@ -236,8 +236,9 @@ class _Store:
         """Bring a file of an older flowrun to this schema, in the caller's transaction.
 
         Schema 1 kept one delivery row per message and subscription. Those rows and their
-        messages (all below TOPIC_BASE) stay as they are; declaring the topics places every
-        cursor at the topic's empty range, so later messages take the range path.
+        messages (all below TOPIC_BASE) stay as they are. Declaring the topics then places
+        every cursor at the start of its topic's empty range, so later messages take the
+        range path.
         """
         connection = self._db
         row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -567,19 +568,19 @@ class _Store:
             deliveries = self._read_deliveries(config, first, last, lease, now)
 
         # Messages deleted past the cursor left the subscription's size; see _place_cursor.
-        gone = first - cursor - 1
-        if gone:
+        skipped = first - cursor - 1
+        if skipped:
             logger.warning("subscription '%s' skipped %d messages of topic '%s' that a process running a flow "
-                           "without this subscription deleted", name, gone, topic)
+                           "without this subscription deleted", name, skipped, topic)
         if config.ack is AckPolicy.NONE:
             # At-most-once: the messages leave the queue as they are delivered.
             connection.execute("UPDATE subscriptions SET cursor = ?, size = size - ? WHERE name = ?",
-                               (last, gone + len(deliveries), name))
+                               (last, skipped + len(deliveries), name))
             self.unsettled.update((name, delivery.tag) for delivery in deliveries)
             self.trimmable.add(topic)
             return deliveries
 
-        connection.execute("UPDATE subscriptions SET cursor = ?, size = size - ? WHERE name = ?", (last, gone, name))
+        connection.execute("UPDATE subscriptions SET cursor = ?, size = size - ? WHERE name = ?", (last, skipped, name))
         connection.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            (name, lease, first, last, _mask_bytes((1 << (last - first + 1)) - 1), first,
                             now + config.ack_timeout, now))
@@ -729,15 +730,15 @@ class _Store:
             "SELECT lease, first_seq, pending, fetched_at, deadline FROM leases WHERE subscription = ? "
             "AND deadline <= ?", (subscription, now),
         ).fetchall():
-            self._rows_from_range(subscription,
-                                  [_Held(seq, lease, fetched_at) for seq in _pending_seqs(first, pending)], deadline)
+            expired = [_RangeDelivery(seq, lease, fetched_at) for seq in _pending_seqs(first, pending)]
+            self._rows_from_range(subscription, expired, deadline)
             connection.execute("DELETE FROM leases WHERE subscription = ? AND lease = ?", (subscription, lease))
 
     def _take_from_ranges(self, subscription: str, tags: Sequence[_Tag],
-                          collect: bool = True) -> tuple[int, list[_Held], list[_Tag]]:
+                          collect: bool = True) -> tuple[int, list[_RangeDelivery], list[_Tag]]:
         """Remove these deliveries from their range leases.
 
-        Returns how many the range leases still held, those deliveries when `collect` is
+        Returns how many of them the range leases still had pending, those deliveries when `collect` is
         set, and the tags of other leases: row leases, or range leases that expired and
         became rows.
         """
@@ -747,7 +748,7 @@ class _Store:
             by_lease.setdefault(lease, []).append(seq)
 
         count = 0
-        held: list[_Held] = []
+        taken_out: list[_RangeDelivery] = []
         others: list[_Tag] = []
         for lease, seqs in by_lease.items():
             row = connection.execute("SELECT first_seq, pending, fetched_at FROM leases WHERE subscription = ? "
@@ -766,21 +767,22 @@ class _Store:
 
             count += cleared.bit_count()
             if collect:
-                held += [_Held(seq, lease, fetched_at) for seq in _pending_seqs(first, _mask_bytes(cleared))]
+                taken_out += [_RangeDelivery(seq, lease, fetched_at)
+                              for seq in _pending_seqs(first, _mask_bytes(cleared))]
             mask ^= cleared
             if mask:
                 connection.execute("UPDATE leases SET pending = ?, low = ? WHERE subscription = ? AND lease = ?",
                                    (_mask_bytes(mask), first + (mask & -mask).bit_length() - 1, subscription, lease))
             else:
                 connection.execute("DELETE FROM leases WHERE subscription = ? AND lease = ?", (subscription, lease))
-        return count, held, others
+        return count, taken_out, others
 
-    def _rows_from_range(self, subscription: str, held: Sequence[_Held], visible_at: float) -> None:
+    def _rows_from_range(self, subscription: str, taken_out: Sequence[_RangeDelivery], visible_at: float) -> None:
         """Give deliveries taken out of range leases leased rows, so they record retries like any row."""
         self._db.executemany(
             "INSERT INTO deliveries (subscription, seq, key, leased, lease, visible_at, delivery_count, "
             "first_delivered_at) SELECT ?, seq, key, 1, ?, ?, 1, ? FROM messages WHERE seq = ?",
-            [(subscription, lease, visible_at, fetched_at, seq) for seq, lease, fetched_at in held],
+            [(subscription, lease, visible_at, fetched_at, seq) for seq, lease, fetched_at in taken_out],
         )
 
     # Settling
@@ -826,9 +828,9 @@ class _Store:
 
         A delivery taken out of a range lease becomes a row, which records its retries.
         """
-        _, held, others = self._take_from_ranges(subscription, [tag])
-        if held:
-            self._rows_from_range(subscription, held, self.clock.wall())
+        _, taken_out, others = self._take_from_ranges(subscription, [tag])
+        if taken_out:
+            self._rows_from_range(subscription, taken_out, self.clock.wall())
             return True
         if not others:
             return False
@@ -997,10 +999,10 @@ class _Store:
             return
 
         # Deliveries of range leases become ready rows, as if never fetched.
-        _, held, others = self._take_from_ranges(subscription, tags)
+        _, taken_out, others = self._take_from_ranges(subscription, tags)
         now = self.clock.wall()
         self._db.executemany("INSERT INTO deliveries (subscription, seq, key, visible_at) SELECT ?, seq, key, ? "
-                             "FROM messages WHERE seq = ?", [(subscription, now, seq) for seq, _, _ in held])
+                             "FROM messages WHERE seq = ?", [(subscription, now, seq) for seq, _, _ in taken_out])
 
         # Only rows these leases still hold; a lease that expired meanwhile changes nothing.
         rows = [row for tag in others for row in self._db.execute(
@@ -1015,7 +1017,7 @@ class _Store:
 
         redelivered = sum(1 for _, count in rows if count > 1)
         self._db.execute("UPDATE subscriptions SET delivered = delivered - ?, redelivered = redelivered - ? "
-                         "WHERE name = ?", (len(held) + len(rows), redelivered, subscription))
+                         "WHERE name = ?", (len(taken_out) + len(rows), redelivered, subscription))
         self.arrivals.add(subscription)
 
     def _count(self, subscription: str, column: str) -> None:
