@@ -243,3 +243,34 @@ async def test_publish_cut_counts_skipped_repeats(tmp_path: Path) -> None:
     assert dealt_with == 4
     assert repeats_only == 2
     assert bodies(deliveries) == [b"a", b"b", b"c"]
+
+
+async def test_schema_1_code_fails_on_schema_2(tmp_path: Path) -> None:
+    # Every schema-1 flowrun runs this statement as it opens its file; it must fail
+    # rather than go on without seeing the messages of topic ranges.
+    path = tmp_path / "flow.db"
+    async with started_broker(tmp_path, subscription()):
+        pass
+
+    with sqlite3.connect(path) as connection, pytest.raises(sqlite3.DatabaseError) as caught:
+        connection.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", ("1",))
+
+    assert "has schema version 2" in str(caught.value)
+
+
+async def test_foreign_database_left_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE invoices (number INTEGER)")
+
+    broker = SqliteBroker(path)
+    with pytest.raises(BrokerError) as caught:
+        await broker.start(make_topology(subscription()))
+    await broker.close()
+
+    assert f"{path} is a SQLite database that flowrun did not create" in str(caught.value)
+    with sqlite3.connect(path) as connection:
+        tables = connection.execute("SELECT name FROM sqlite_master").fetchall()
+        journal_mode = connection.execute("PRAGMA journal_mode").fetchone()
+    assert tables == [("invoices",)]
+    assert journal_mode == ("delete",)

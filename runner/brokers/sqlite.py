@@ -218,6 +218,11 @@ class _Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                      check_same_thread=False)
+        try:
+            self._check_broker_file(connection)
+        except BaseException:
+            connection.close()
+            raise
         # Must precede the first table; lets a surge's free pages go back to the file system.
         connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
         connection.execute("PRAGMA journal_mode=WAL")
@@ -235,6 +240,19 @@ class _Store:
         if topology is not None:
             self.declare(topology)
 
+    def _check_broker_file(self, connection: sqlite3.Connection) -> None:
+        """Raise BrokerError, before writing anything, for a database that another program created.
+
+        A flowrun broker file starts with its `meta` table, so tables without it are some
+        other program's data.
+        """
+        names = sorted(row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        if names and "meta" not in names:
+            raise BrokerError(
+                f"{self.path} is a SQLite database that flowrun did not create (its tables include "
+                f"{', '.join(names[:5])}), so it is left unchanged; set broker.path in the flow to another file"
+            )
+
     def _upgrade(self) -> None:
         """Bring a file of an older flowrun to this schema, in the caller's transaction.
 
@@ -247,6 +265,7 @@ class _Store:
         row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             connection.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._reject_older_flowrun()
             return
         version = int(row[0])
         if version > SCHEMA_VERSION:
@@ -257,6 +276,19 @@ class _Store:
                 connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
             logger.info("upgraded %s from schema version 1 to %d", self.path, SCHEMA_VERSION)
         connection.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        self._reject_older_flowrun()
+
+    def _reject_older_flowrun(self) -> None:
+        """Make flowrun versions of schema 1 fail to open this file instead of losing messages.
+
+        They never read the version, but every one of them inserts it, OR IGNORE, as it
+        opens the file. They would deliver no message of a topic's range.
+        """
+        self._db.execute(
+            "CREATE TRIGGER IF NOT EXISTS meta_rejects_schema_1 BEFORE INSERT ON meta "
+            "WHEN NEW.key = 'schema_version' AND NEW.value = '1' BEGIN SELECT RAISE(ABORT, "
+            "'this flowrun broker file has schema version 2; open it with flowrun of the same or a newer version'); END"
+        )
 
     def declare(self, topology: Topology) -> None:
         connection = self._db
@@ -1299,8 +1331,8 @@ class SqliteBroker(Broker):
             await self._in_thread(lambda: self._store.open(topology))
         except (OSError, sqlite3.Error) as error:
             raise BrokerError(
-                f"cannot open the SQLite broker database {self.path}: {error}; make its folder writable, "
-                "or set broker.path in the flow to another file"
+                f"cannot open the SQLite broker database {self.path}: {error}; make its folder writable, or, "
+                "if the file is not a flowrun broker file, set broker.path in the flow to another file"
             ) from None
 
     async def _in_thread(self, work: Callable[[], Any]) -> Any:
