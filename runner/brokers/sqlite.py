@@ -62,7 +62,7 @@ SEEN_ID_PURGE_EVERY = 1000
 # long-lived envelopes keep many of Python's memory arenas from being freed).
 RECENT_MESSAGES = 1024
 RECENT_BYTES = 4 * 1024 * 1024
-# Every VACUUM_EVERY removed deliveries, free pages beyond FREE_PAGES_KEPT are released.
+# Every VACUUM_EVERY removed messages, free pages beyond FREE_PAGES_KEPT are released.
 VACUUM_EVERY = 10_000
 FREE_PAGES_KEPT = 2_000
 
