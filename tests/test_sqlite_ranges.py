@@ -40,6 +40,15 @@ def bodies(deliveries: list) -> list[bytes]:
     return [delivery.envelope.body for delivery in deliveries]
 
 
+async def start_error(path: Path) -> str:
+    """Start a broker on `path`, expecting it to fail, and return the error message."""
+    broker = SqliteBroker(path)
+    with pytest.raises(BrokerError) as caught:
+        await broker.start(make_topology(subscription()))
+    await broker.close()
+    return str(caught.value)
+
+
 async def test_expired_range_lease_redelivers_only_unacked(tmp_path: Path) -> None:
     async with started_broker(tmp_path, subscription(ack_timeout=0.2)) as broker:
         await broker.publish(envelopes(3))
@@ -175,12 +184,9 @@ async def test_newer_schema_rejected(tmp_path: Path) -> None:
     with sqlite3.connect(path) as connection:
         connection.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
 
-    broker = SqliteBroker(path)
-    with pytest.raises(BrokerError) as caught:
-        await broker.start(make_topology(subscription()))
-    await broker.close()
+    error = await start_error(path)
 
-    assert f"{path} has schema version 3, written by a newer flowrun" in str(caught.value)
+    assert f"{path} has schema version 3, written by a newer flowrun" in error
 
 
 async def test_range_continues_after_full_drain(tmp_path: Path) -> None:
@@ -246,8 +252,8 @@ async def test_publish_cut_counts_skipped_repeats(tmp_path: Path) -> None:
 
 
 async def test_schema_1_code_fails_on_schema_2(tmp_path: Path) -> None:
-    # Every schema-1 flowrun runs this statement as it opens its file; it must fail
-    # rather than go on without seeing the messages of topic ranges.
+    # Every schema-1 flowrun runs this statement as it opens its file. It must fail,
+    # because that flowrun would not see the messages of topic ranges.
     path = tmp_path / "flow.db"
     async with started_broker(tmp_path, subscription()):
         pass
@@ -263,12 +269,9 @@ async def test_foreign_database_left_unchanged(tmp_path: Path) -> None:
     with sqlite3.connect(path) as connection:
         connection.execute("CREATE TABLE invoices (number INTEGER)")
 
-    broker = SqliteBroker(path)
-    with pytest.raises(BrokerError) as caught:
-        await broker.start(make_topology(subscription()))
-    await broker.close()
+    error = await start_error(path)
 
-    assert f"{path} is a SQLite database that flowrun did not create" in str(caught.value)
+    assert f"{path} is a SQLite database that flowrun did not create" in error
     with sqlite3.connect(path) as connection:
         tables = connection.execute("SELECT name FROM sqlite_master").fetchall()
         journal_mode = connection.execute("PRAGMA journal_mode").fetchone()

@@ -97,9 +97,9 @@ class _PublishBatch:
         # The values of every stored message, MESSAGE_COLUMNS per message, one after another.
         self.message_values: list[Any] = []
         self.published: dict[str, int] = {}
-        # The stored envelopes of each topic, in seq order from first[topic].
+        # The stored envelopes of each topic, in seq order from first[topic], and their body bytes.
         self.stored: dict[str, list[Envelope]] = {}
-        self.stored_bytes = 0
+        self.stored_bytes: dict[str, int] = {}
         self.first: dict[str, int] = {}
         self.last: dict[str, int] = {}
 
@@ -115,11 +115,12 @@ class _PublishBatch:
             last = self.head_of(topic)
             self.first[topic] = last + 1
             self.stored[topic] = []
+            self.stored_bytes[topic] = 0
         self.last[topic] = last + len(run)
         self.stored[topic] += run
         values = self.message_values
         for seq, envelope in enumerate(run, last + 1):
-            self.stored_bytes += len(envelope.body)
+            self.stored_bytes[topic] += len(envelope.body)
             values += (seq, envelope.id, topic, envelope.body, envelope.key,
                        _headers_text(envelope.headers) if envelope.headers else "{}", envelope.published_at)
 
@@ -130,14 +131,14 @@ class _Repeats:
     def __init__(self, positions: set[int]) -> None:
         self.positions = positions
 
-    def skipped_before(self, kept: int) -> int:
-        """Return how many repeats come before the first envelope after the first `kept` kept ones.
+    def skipped_before(self, stored: int) -> int:
+        """Return how many repeats come before the envelope that follows the first `stored` stored ones.
 
-        Together with `kept`, that is the position where the call stopped.
+        Together with `stored`, that is the position where the call stopped.
         """
         skipped = 0
         for position in sorted(self.positions):
-            if position - skipped >= kept:
+            if position - skipped >= stored:
                 break
             skipped += 1
         return skipped
@@ -204,9 +205,9 @@ class _Store:
         self.recent_runs: deque[tuple[str, int, int]] = deque()
         self.recent_messages = 0
         self.recent_bytes = 0
-        # Runs published in the open transaction, kept in `recent` once it commits.
-        self.staged: list[tuple[str, int, list[Envelope]]] = []
-        self.staged_bytes = 0
+        # Runs published in the open transaction as (topic, first seq, envelopes, bytes),
+        # kept in `recent` once it commits.
+        self.staged: list[tuple[str, int, list[Envelope], int]] = []
         # Subscriptions that received messages since the broker last took this set.
         self.arrivals: set[str] = set()
         # Deliveries under ack: none that are not settled yet; they have no row any more.
@@ -263,11 +264,7 @@ class _Store:
         """
         connection = self._db
         row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
-            connection.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            self._reject_older_flowrun()
-            return
-        version = int(row[0])
+        version = SCHEMA_VERSION if row is None else int(row[0])
         if version > SCHEMA_VERSION:
             raise BrokerError(f"{self.path} has schema version {version}, written by a newer flowrun; this one "
                               f"reads version {SCHEMA_VERSION} and older, so upgrade flowrun or use another file")
@@ -275,7 +272,8 @@ class _Store:
             for table, column in (("topics", "number"), ("topics", "head"), ("subscriptions", "cursor")):
                 connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER")
             logger.info("upgraded %s from schema version 1 to %d", self.path, SCHEMA_VERSION)
-        connection.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+        connection.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self._reject_older_flowrun()
 
     def _reject_older_flowrun(self) -> None:
@@ -370,27 +368,22 @@ class _Store:
         return self.connection
 
     def transaction(self) -> _Transaction:
-        return _Transaction(self._db, self._keep_staged, self._drop_staged)
+        return _Transaction(self._db, self._keep_staged, self.staged.clear)
 
     def _keep_staged(self) -> None:
         """Keep the runs of the committed transaction in `recent`, dropping the oldest beyond its bounds."""
-        share = self.staged_bytes // max(sum(len(run) for _, _, run in self.staged), 1)
-        for topic, first, run in self.staged:
+        for topic, first, run, size in self.staged:
             self.recent.setdefault(topic, deque()).append((first, run))
-            self.recent_runs.append((topic, len(run), share * len(run)))
+            self.recent_runs.append((topic, len(run), size))
             self.recent_messages += len(run)
-            self.recent_bytes += share * len(run)
-        self._drop_staged()
+            self.recent_bytes += size
+        self.staged.clear()
 
         while self.recent_messages > RECENT_MESSAGES or self.recent_bytes > RECENT_BYTES:
             topic, messages, size = self.recent_runs.popleft()
             self.recent[topic].popleft()
             self.recent_messages -= messages
             self.recent_bytes -= size
-
-    def _drop_staged(self) -> None:
-        self.staged.clear()
-        self.staged_bytes = 0
 
     def close(self) -> None:
         if self.connection is not None:
@@ -494,8 +487,8 @@ class _Store:
         if batch.message_values:
             self._insert_messages(batch.message_values)
             self._count_arrivals(batch)
-            self.staged += [(topic, batch.first[topic], stored) for topic, stored in batch.stored.items()]
-            self.staged_bytes += batch.stored_bytes
+            self.staged += [(topic, batch.first[topic], stored, batch.stored_bytes[topic])
+                            for topic, stored in batch.stored.items()]
 
         self.publishes_since_purge += len(batch.seen_rows)
         if self.publishes_since_purge >= SEEN_ID_PURGE_EVERY:
@@ -773,9 +766,9 @@ class _Store:
                           collect: bool = True) -> tuple[int, list[_RangeDelivery], list[_Tag]]:
         """Remove these deliveries from their range leases.
 
-        Returns how many of them the range leases still had pending, those deliveries when `collect` is
-        set, and the tags of other leases: row leases, or range leases that expired and
-        became rows.
+        Returns how many of them the range leases still had pending, and those deliveries
+        when `collect` is set. Also returns the tags of other leases: row leases, or range
+        leases that expired and became rows.
         """
         connection = self._db
         by_lease: dict[int, list[int]] = {}
@@ -859,7 +852,7 @@ class _Store:
                 self._settle_failure(config, tag, nack.delay, nack.error, nack.terminal, nack.dead_letter)
 
     def _claim(self, subscription: str, tag: _Tag) -> bool:
-        """Return whether the tag's lease still holds its delivery, which is then a leased row.
+        """Return whether the tag's lease still has its delivery, which is then a leased row.
 
         A delivery taken out of a range lease becomes a row, which records its retries.
         """

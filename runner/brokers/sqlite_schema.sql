@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS subscriptions (
 );
 
 -- One row per stored message. A message in a topic's range stays until every subscription
--- of the topic is past it. Seqs below 1 << 40 hold messages for single subscriptions
+-- of the topic is past it. Seqs up to 1 << 40 are messages of single subscriptions
 -- (replayed dead letters, and messages of schema 1), and `holders` counts the delivery
 -- rows that still need them.
 CREATE TABLE IF NOT EXISTS messages (
@@ -45,8 +45,8 @@ CREATE TABLE IF NOT EXISTS messages (
 
 -- One row per (subscription, message) that left the plain path: a redelivery waiting or
 -- leased, a message of an ordered subscription, a message of schema 1. leased = 1 while
--- a consumer holds it; visible_at is when an unleased row may be delivered, or when a
--- lease expires.
+-- a consumer has the row. visible_at is when an unleased row may be delivered, or when
+-- a lease expires.
 CREATE TABLE IF NOT EXISTS deliveries (
     subscription TEXT NOT NULL,
     seq INTEGER NOT NULL,
