@@ -149,8 +149,9 @@ class SubscriptionWorker:
         self._ready: deque[tuple[Delivery, float]] = deque()
         self._has_work = asyncio.Event()
         self._mean_duration: float | None = None
-        # Whether the push window is at max_in_flight, where a faster handler changes nothing.
-        self._window_at_max = False
+        # With the push window at max_in_flight, a call no longer than this (the mean then)
+        # changes nothing, so the window is not recomputed. -inf below max_in_flight.
+        self._steady_below = -math.inf
         self._auto_ack = spec.ack is not AckPolicy.EXPLICIT
         # An async handler without a timeout or an input model is awaited directly.
         self._direct = handler.is_async and spec.handler_timeout is None and handler.input_model is None
@@ -281,7 +282,9 @@ class SubscriptionWorker:
                 finally:
                     self.active -= 1
                 if self._consumer is not None:
-                    self._resize_window(clock.monotonic() - started)
+                    duration = clock.monotonic() - started
+                    if duration > self._steady_below:
+                        self._resize_window(duration)
                 if error is None:
                     self.handled += 1
                     if self._auto_ack and message.claim(ACKED):
@@ -401,9 +404,6 @@ class SubscriptionWorker:
         if mean is not None and duration <= mean:
             mean += DURATION_WEIGHT * (duration - mean)
             self._mean_duration = mean
-            if self._window_at_max:
-                # A shorter mean only lengthens the safe wait, so the last one is kept (a little stricter).
-                return
         else:
             mean = duration
             self._mean_duration = mean
@@ -415,7 +415,9 @@ class SubscriptionWorker:
         limit = min(max(fits, self.spec.concurrency), self._consumer.max_in_flight)
         if limit != self._consumer.limit:
             self._consumer.set_limit(limit)
-        self._window_at_max = limit == self._consumer.max_in_flight
+        # At max_in_flight a shorter mean only lengthens the safe wait, so the last one is
+        # kept (a little stricter) until a slower call comes.
+        self._steady_below = mean if limit == self._consumer.max_in_flight else -math.inf
 
     def _apply_policy(self, message: Message, error: BaseException | None) -> None:
         if error is not None:
