@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowrun.brokers import sqlite as sqlite_backend
+from flowrun.brokers import sqlite_store
 from flowrun.brokers.sqlite import SqliteBroker
 from tests.conftest import make_topology
 from tests.conformance.helpers import SUBSCRIPTION, TOPIC, envelope, fetch_exactly, subscription
@@ -25,8 +25,8 @@ async def test_drained_backlog_gives_its_pages_back(tmp_path: Path, monkeypatch:
     # 5,000 messages of 2 KB fill about 2,800 pages of 4 KB. Every 1,000 removals the
     # broker keeps at most 100 free pages, so after the drain only the pages freed since
     # the last return (under 1,000 removals, about 600 pages) may remain free.
-    monkeypatch.setattr(sqlite_backend, "VACUUM_EVERY", 1_000)
-    monkeypatch.setattr(sqlite_backend, "FREE_PAGES_KEPT", 100)
+    monkeypatch.setattr(sqlite_store, "VACUUM_EVERY", 1_000)
+    monkeypatch.setattr(sqlite_store, "FREE_PAGES_KEPT", 100)
     path = tmp_path / "flow.db"
     broker = SqliteBroker(path)
     await broker.start(make_topology(subscription()))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flowrun.broker import Nack, SubscriptionConfig
-from flowrun.brokers import sqlite as sqlite_backend
+from flowrun.brokers import sqlite_store
 from flowrun.brokers.sqlite import SqliteBroker
 from tests.conftest import make_topology
 from tests.conformance.helpers import SUBSCRIPTION, TOPIC, envelopes, fetch_exactly, subscription, subscription_stats
@@ -74,7 +74,7 @@ async def test_ack_counts_repeated_tag_once(tmp_path: Path) -> None:
 
 async def test_ack_without_returning_clause(tmp_path: Path, monkeypatch) -> None:
     # SQLite before 3.35 has no DELETE ... RETURNING, so acks select, then delete.
-    monkeypatch.setattr(sqlite_backend, "HAS_RETURNING", False)
+    monkeypatch.setattr(sqlite_store, "HAS_RETURNING", False)
     async with started_broker(tmp_path, subscription()) as broker:
         await broker.publish(envelopes(3))
         deliveries = await fetch_exactly(broker, SUBSCRIPTION, 3)

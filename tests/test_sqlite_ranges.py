@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flowrun.broker import Nack
-from flowrun.brokers import sqlite as sqlite_backend
+from flowrun.brokers import sqlite_store
 from flowrun.brokers.sqlite import SqliteBroker
 from flowrun.errors import BrokerError
 from flowrun.message import Envelope
@@ -204,7 +204,7 @@ async def test_range_continues_after_full_drain(tmp_path: Path) -> None:
 async def test_fetch_reads_what_memory_lacks(tmp_path: Path, monkeypatch) -> None:
     # A fetch takes the messages its own process published from memory, and reads the
     # rest: another process's messages, and its own once evicted from memory.
-    monkeypatch.setattr(sqlite_backend, "RECENT_MESSAGES", 5)
+    monkeypatch.setattr(sqlite_store, "RECENT_MESSAGES", 5)
     topology = make_topology(subscription())
     first = SqliteBroker(tmp_path / "flow.db")
     second = SqliteBroker(tmp_path / "flow.db")
@@ -242,8 +242,8 @@ async def test_publish_cut_counts_skipped_repeats(tmp_path: Path) -> None:
 
     async with started_broker(tmp_path, subscription(max_pending=3)) as broker:
         first_call = [dedupe("a"), dedupe("a"), dedupe("b"), dedupe("c"), dedupe("d"), dedupe("b")]
-        dealt_with = await broker._write(lambda: broker._store.publish(first_call))
-        repeats_only = await broker._write(lambda: broker._store.publish([dedupe("a"), dedupe("c")]))
+        dealt_with = await broker._write("publish", first_call)
+        repeats_only = await broker._write("publish", [dedupe("a"), dedupe("c")])
         deliveries = await fetch_exactly(broker, SUBSCRIPTION, 3)
 
     assert dealt_with == 4
