@@ -27,7 +27,7 @@ from typing import Any
 from flowrun.clock import SYSTEM_CLOCK, Clock
 from flowrun.codec import iso_time
 from flowrun.errors import BrokerError
-from flowrun.message import Delivery, Envelope
+from flowrun.message import HEADER_PREFIX, REPLAYED_FROM_HEADER, Delivery, Envelope
 from flowrun.spec import AckPolicy, OnFull, RetrySpec
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,11 @@ class ErrorInfo:
         return cls("flowrun.AckTimeout", f"not acked within the ack timeout of {seconds:g}s")
 
 
+# The error of a nack that carried none. The runtime gives every nack an error, so only
+# programs that call a broker's `nack` themselves can see this.
+NO_ERROR = ErrorInfo("flowrun.Unknown", "the nack carried no error")
+
+
 @dataclass(frozen=True)
 class Nack:
     """A negative acknowledgement of one delivery."""
@@ -119,7 +124,7 @@ def dead_letter_headers(
     delivery: Delivery, config: SubscriptionConfig, error: ErrorInfo | None, now: float
 ) -> dict[str, str]:
     """Build the failure envelope every backend attaches to a dead letter."""
-    error = error or ErrorInfo("flowrun.Unknown", "no error was recorded")
+    error = error or NO_ERROR
     headers = dict(delivery.envelope.headers)
     headers.update(
         {
@@ -135,6 +140,18 @@ def dead_letter_headers(
             "flowrun.last_delivered_at": iso_time(now),
         }
     )
+    return headers
+
+
+def replay_headers(letter: dict[str, Any]) -> dict[str, str]:
+    """Build the headers of a replayed dead letter, without the failure headers.
+
+    `letter` is a dead letter as the backends' `dead_letters` list it. The replay links to
+    the id the message was first published under, also when it was replayed before.
+    """
+    original = letter["headers"]
+    headers = {name: value for name, value in original.items() if not name.startswith(HEADER_PREFIX)}
+    headers[REPLAYED_FROM_HEADER] = original.get(REPLAYED_FROM_HEADER, letter["message_id"])
     return headers
 
 

@@ -196,8 +196,6 @@ def dlq(
         letters = _inspect(flow, lambda broker: broker.dead_letters(subscription))
         print_dead_letters(letters, as_json, stdout)
     elif action is DlqAction.REPLAY:
-        # TODO: replayed messages get new ids on every backend (NATS drops repeated ids),
-        # and no header links them to the first id, which handlers that deduplicate need.
         count = _inspect(flow, lambda broker: broker.replay_dead_letters(subscription))
         stdout.print(f"replayed {count} dead letters")
     else:

@@ -59,6 +59,21 @@ def describe_error(error: BaseException) -> ErrorInfo:
     return ErrorInfo(name, str(error) or name, text)
 
 
+def describe_settle_without_error(outcome: Outcome, delivery_count: int, max_deliveries: int) -> ErrorInfo:
+    """Describe a handler's `nack()`, `reject()` or `drop()` call that gave no error.
+
+    Dead-letter headers and drop logs show this in place of an exception.
+    """
+    if not outcome.terminal:
+        kind, call = "flowrun.Nacked", "nack()"
+    elif outcome.dead_letter:
+        kind, call = "flowrun.Rejected", "reject()"
+    else:
+        kind, call = "flowrun.Dropped", "drop()"
+    return ErrorInfo(kind, f"the handler called {call} without an error on delivery {delivery_count} "
+                           f"(max_deliveries {max_deliveries})")
+
+
 class SettleBatcher:
     """Collects acks and nacks for one loop turn, then sends each kind as one broker call."""
 
@@ -450,7 +465,10 @@ class SubscriptionWorker:
             loop_call(self._loop, lambda: self.batcher.ack(tag))
             return
 
-        info = describe_error(outcome.error) if outcome.error is not None else None
+        if outcome.error is not None:
+            info = describe_error(outcome.error)
+        else:
+            info = describe_settle_without_error(outcome, message.delivery_count, self.config.max_deliveries)
         nack = Nack(tag, outcome.delay, info, outcome.terminal, outcome.dead_letter)
         loop_call(self._loop, lambda: self.batcher.nack(nack))
 

@@ -12,6 +12,8 @@ from flowrun import codec
 
 HEADER_PREFIX = "flowrun."
 HOPS_HEADER = "flowrun.hops"
+# The id a replayed message had before its first replay, added by `flowrun dlq replay`.
+REPLAYED_FROM_HEADER = "flowrun.replayed_from"
 
 
 @dataclass(slots=True)

@@ -799,6 +799,20 @@ def test_dlq_replay_delivers_again(failed_folder: Path) -> None:
     assert status_of(failed_folder)["subscriptions"]["worker"]["dead_lettered"] == 6
 
 
+def test_dlq_replay_twice_keeps_first_ids(failed_folder: Path) -> None:
+    first_ids = {json.loads(letter["body"])["n"]: letter["message_id"] for letter in list_dead_letters(failed_folder)}
+    for _ in range(2):
+        replay = run_flowrun("dlq", "flow.yaml", "replay", cwd=failed_folder)
+        rerun = run_flowrun("up", "flow.yaml", "--until-drained", "--only", "worker", cwd=failed_folder)
+        assert replay.returncode == 0
+        assert rerun.returncode == 0
+
+    letters = list_dead_letters(failed_folder)
+    replayed_from = {json.loads(letter["body"])["n"]: letter["headers"]["flowrun.replayed_from"] for letter in letters}
+    assert replayed_from == first_ids
+    assert set(first_ids.values()).isdisjoint(letter["message_id"] for letter in letters)
+
+
 def test_dlq_purge_subscription(failed_folder: Path) -> None:
     result = run_flowrun("dlq", "flow.yaml", "purge", "--subscription", "worker", cwd=failed_folder)
     assert result.returncode == 0

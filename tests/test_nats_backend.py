@@ -358,7 +358,7 @@ async def test_replay_reaches_only_its_subscription(open_broker):
     assert again.envelope.body == sent.body
     assert again.envelope.topic == TOPIC
     assert again.delivery_count == 1
-    assert again.envelope.headers == {"trace-id": "t-1"}
+    assert again.envelope.headers == {"trace-id": "t-1", "flowrun.replayed_from": sent.id}
     assert shipping_extra == []
     assert shipping["delivered"] == 1
     assert shipping["pending"] == 0

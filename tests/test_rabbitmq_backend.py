@@ -233,7 +233,7 @@ async def test_dead_letters_lists_archive(open_broker):
 
 async def test_replay_delivers_dead_letter_again(open_broker):
     broker = await open_broker(subscription(dead_letter=DEAD_LETTER_TOPIC), subscription("shipping"))
-    await dead_letter_one(broker, body=b'{"amount": 5}')
+    message_id = await dead_letter_one(broker, body=b'{"amount": 5}')
 
     replayed = await broker.replay_dead_letters("billing")
     delivery = await fetch_one(broker)
@@ -244,7 +244,7 @@ async def test_replay_delivers_dead_letter_again(open_broker):
     assert delivery.delivery_count == 1
     assert delivery.envelope.body == b'{"amount": 5}'
     assert delivery.envelope.key == "customer-7"
-    assert delivery.envelope.headers == {"trace-id": "t-1"}
+    assert delivery.envelope.headers == {"trace-id": "t-1", "flowrun.replayed_from": message_id}
     assert remaining == []
     assert len(shipping) == 1, "a replay goes to the failed subscription only, so shipping keeps its one copy"
 

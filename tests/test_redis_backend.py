@@ -462,7 +462,7 @@ async def test_dead_letters_lists_archive(open_broker):
 
 async def test_replay_redelivers_as_first_delivery(open_broker):
     broker = await open_broker(subscription(dead_letter=DEAD_LETTER_TOPIC))
-    await dead_letter_one(broker)
+    message_id = await dead_letter_one(broker)
 
     replayed = await broker.replay_dead_letters(SUBSCRIPTION)
     delivery = await fetch_one(broker)
@@ -471,7 +471,7 @@ async def test_replay_redelivers_as_first_delivery(open_broker):
     assert delivery.delivery_count == 1
     assert delivery.envelope.body == b'{"amount": -3}'
     assert delivery.envelope.key == "customer-7"
-    assert delivery.envelope.headers == {"trace-id": "t-1"}
+    assert delivery.envelope.headers == {"trace-id": "t-1", "flowrun.replayed_from": message_id}
     assert await broker.dead_letters() == []
     assert (await subscription_stats(broker))["in_flight"] == 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import shutil
 import sys
 import textwrap
@@ -241,6 +242,78 @@ async def test_auto_ack_dead_letters_after_max_deliveries(folder):
     assert headers["flowrun.error_type"] == "ValueError"
     assert headers["flowrun.error"] == "amount 0 is invalid"
     assert "ValueError: amount 0 is invalid" in headers["flowrun.traceback"]
+
+
+def write_settling_flow(folder: FlowFolder, call: str, dead_letter: bool = True) -> str:
+    """Write a flow whose explicit-ack handler settles each message with `call` and no error.
+
+    Return the module name of the dead-letter topic's reader.
+    """
+    source = folder.plugin("source", NUMBERS_PRODUCER)
+    settler = folder.plugin("settler", f"""
+        def handle(message, context):
+            message.{call}()
+    """)
+    reader = folder.plugin("reader", DEAD_READER)
+    dead_letter_line = "dead_letter: Orders.dead" if dead_letter else ""
+    folder.write_flow(f"""
+        topics:
+          Orders:
+          Orders.dead:
+        producers:
+          source:
+            plugin: {source}:numbers
+            publishes: [Orders]
+            with:
+              count: 1
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {settler}:handle
+            ack: explicit
+            max_deliveries: 3
+            {dead_letter_line}
+{FAST_RETRY}
+          dead-reader:
+            topic: Orders.dead
+            plugin: {reader}:read
+    """)
+    return reader
+
+
+@pytest.mark.parametrize(("call", "error_type", "delivery"), [
+    ("nack", "flowrun.Nacked", 3),
+    ("reject", "flowrun.Rejected", 1),
+])
+async def test_settle_without_error_dead_letters(folder, call, error_type, delivery):
+    reader = write_settling_flow(folder, call)
+
+    report = (await run_until_drained(folder)).report
+    (headers,) = module(reader).headers
+
+    assert counts_of(report, "billing")["dead_lettered"] == 1
+    assert headers["flowrun.delivery_count"] == str(delivery)
+    assert headers["flowrun.error_type"] == error_type
+    assert headers["flowrun.error"] == (
+        f"the handler called {call}() without an error on delivery {delivery} (max_deliveries 3)"
+    )
+    assert headers["flowrun.traceback"] == ""
+
+
+@pytest.mark.parametrize(("call", "delivery"), [("nack", 3), ("drop", 1)])
+async def test_settle_without_error_logs_drop(folder, caplog, call, delivery):
+    write_settling_flow(folder, call, dead_letter=False)
+
+    with caplog.at_level(logging.WARNING, logger="flowrun.brokers"):
+        report = (await run_until_drained(folder)).report
+    drops = [record.getMessage() for record in caplog.records if record.getMessage().startswith("dropped message")]
+
+    assert counts_of(report, "billing")["dropped"] == 1
+    assert len(drops) == 1
+    assert drops[0].endswith(
+        f"of subscription 'billing' at delivery {delivery}: "
+        f"the handler called {call}() without an error on delivery {delivery} (max_deliveries 3)"
+    )
 
 
 async def test_explicit_ack_by_handler(folder):

@@ -18,7 +18,15 @@ from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
-from flowrun.broker import Broker, ErrorInfo, Nack, SubscriptionConfig, Topology, dead_letter_headers
+from flowrun.broker import (
+    NO_ERROR,
+    Broker,
+    ErrorInfo,
+    Nack,
+    SubscriptionConfig,
+    Topology,
+    dead_letter_headers,
+)
 from flowrun.clock import SYSTEM_CLOCK, Clock
 from flowrun.counters import Counters, Gauges
 from flowrun.errors import BrokerError, QueueFullError
@@ -322,7 +330,7 @@ class MemoryBroker(Broker):
             logger.warning(
                 "dropped message %s of subscription '%s' at delivery %d: %s",
                 flight.envelope.id, config.name, flight.delivery_count,
-                error.message if error else "no error recorded",
+                (error or NO_ERROR).message,
             )
             return
 

@@ -81,7 +81,16 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from flowrun.broker import Broker, ErrorInfo, Nack, SubscriptionConfig, Topology, dead_letter_headers
+from flowrun.broker import (
+    NO_ERROR,
+    Broker,
+    ErrorInfo,
+    Nack,
+    SubscriptionConfig,
+    Topology,
+    dead_letter_headers,
+    replay_headers,
+)
 from flowrun.brokers import redact_url
 from flowrun.brokers.options import NatsOptions
 from flowrun.clock import SYSTEM_CLOCK, Clock
@@ -964,7 +973,7 @@ class NatsBroker(Broker):
         """Count a nack under ack: none, where the server already removed the message."""
         self.counters.subscriptions[state.config.name].dropped += 1
         logger.warning("dropped message %s of subscription '%s' (ack: none): %s", lease.delivery.envelope.id,
-                       state.config.name, error.message if error else "no error recorded")
+                       state.config.name, (error or NO_ERROR).message)
         self._finish(state, lease, None)
 
     async def _give_up(self, state: _Subscription, lease: _Lease, error: ErrorInfo | None,
@@ -980,7 +989,7 @@ class NatsBroker(Broker):
             await self._settle([lease.reply], TERM)
             counters.dropped += 1
             logger.warning("dropped message %s of subscription '%s' at delivery %d: %s", delivery.envelope.id,
-                           config.name, delivery.delivery_count, error.message if error else "no error recorded")
+                           config.name, delivery.delivery_count, (error or NO_ERROR).message)
             self._finish(state, lease, refreshes)
             return
 
@@ -1236,7 +1245,7 @@ class NatsBroker(Broker):
             if letter["subscription"] not in self._subscriptions:
                 raise BrokerError(f"dead letter {letter['number']} belongs to subscription '{letter['subscription']}', "
                                   "which the flow no longer declares")
-            headers = {name: value for name, value in letter["headers"].items() if not name.startswith("flowrun.")}
+            headers = replay_headers(letter)
             envelope = Envelope(uuid.uuid4().hex, letter["topic"], letter["body"], letter["key"], headers,
                                 self.clock.wall())
             with self._translated(f"replay dead letter {letter['number']}"):

@@ -74,6 +74,7 @@ from aio_pika.exceptions import (
 from aiormq.exceptions import ChannelAccessRefused
 
 from flowrun.broker import (
+    NO_ERROR,
     Broker,
     DeliveryCallback,
     ErrorInfo,
@@ -82,6 +83,7 @@ from flowrun.broker import (
     SubscriptionConfig,
     Topology,
     dead_letter_headers,
+    replay_headers,
 )
 from flowrun.brokers import redact_url
 from flowrun.brokers.options import RabbitmqOptions
@@ -897,7 +899,7 @@ class RabbitmqBroker(Broker):
     def _count_at_most_once_drop(self, state: _Subscription, lease: _Lease, error: ErrorInfo | None) -> None:
         self.counters.subscriptions[state.config.name].dropped += 1
         logger.warning("dropped message %s of subscription '%s' (ack: none): %s", lease.delivery.envelope.id,
-                       state.config.name, error.message if error else "no error recorded")
+                       state.config.name, (error or NO_ERROR).message)
 
     async def _fail(self, state: _Subscription, lease: _Lease, delay: float | None, error: ErrorInfo | None,
                     terminal: bool, dead_letter: bool = True) -> None:
@@ -977,7 +979,7 @@ class RabbitmqBroker(Broker):
             counters.dropped += 1
             await _settle_quietly(lease.message, ack=True)
             logger.warning("dropped message %s of subscription '%s' at delivery %d: %s", delivery.envelope.id,
-                           config.name, delivery.delivery_count, error.message if error else "no error recorded")
+                           config.name, delivery.delivery_count, (error or NO_ERROR).message)
             return
 
         now = self.clock.wall()
@@ -1188,7 +1190,7 @@ class RabbitmqBroker(Broker):
         if name not in self._subscriptions:
             raise BrokerError(f"dead letter {letter['number']} belongs to subscription '{name}', "
                               "which the flow no longer declares")
-        headers = {key: value for key, value in letter["headers"].items() if not key.startswith("flowrun.")}
+        headers = replay_headers(letter)
         envelope = Envelope(uuid.uuid4().hex, letter["topic"], letter["body"], letter["key"], headers,
                             self.clock.wall())
         async with self._translate(f"replaying dead letter {letter['number']}"):

@@ -81,7 +81,16 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flowrun.broker import Broker, ErrorInfo, Nack, SubscriptionConfig, Topology, dead_letter_headers
+from flowrun.broker import (
+    NO_ERROR,
+    Broker,
+    ErrorInfo,
+    Nack,
+    SubscriptionConfig,
+    Topology,
+    dead_letter_headers,
+    replay_headers,
+)
 from flowrun.brokers import redact_url
 from flowrun.brokers.options import RedisOptions
 from flowrun.clock import SYSTEM_CLOCK, Clock
@@ -1077,7 +1086,7 @@ class RedisBroker(Broker):
                 if nack.tag in dropped:
                     logger.warning("dropped message %s of subscription '%s' (ack: none): %s",
                                    dropped[nack.tag].envelope.id, subscription,
-                                   nack.error.message if nack.error else "no error recorded")
+                                   (nack.error or NO_ERROR).message)
             return
 
         leases = self._leases[subscription]
@@ -1152,7 +1161,7 @@ class RedisBroker(Broker):
 
     def _log_settlement(self, config: SubscriptionConfig, settlement: _Settlement) -> None:
         delivery = settlement.delivery
-        reason = settlement.error.message if settlement.error else "no error recorded"
+        reason = (settlement.error or NO_ERROR).message
         if settlement.action == "dead":
             logger.error("dead-lettered message %s of subscription '%s' to '%s' at delivery %d: %s",
                          delivery.envelope.id, config.name, config.dead_letter, delivery.delivery_count, reason)
@@ -1396,7 +1405,7 @@ class RedisBroker(Broker):
             if config is None:
                 raise BrokerError(f"dead letter {letter['number']} belongs to subscription '{letter['subscription']}', "
                                   "which the flow no longer declares")
-            headers = {name: value for name, value in letter["headers"].items() if not name.startswith("flowrun.")}
+            headers = replay_headers(letter)
             envelope = Envelope(uuid.uuid4().hex, letter["topic"], letter["body"], letter["key"], headers,
                                 self.clock.wall())
             fields = [*_entry_fields(envelope), "topic", envelope.topic, "deliveries", "0", "first_delivered_at", "0"]

@@ -31,7 +31,15 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from flowrun.broker import ErrorInfo, Nack, SubscriptionConfig, Topology, dead_letter_headers
+from flowrun.broker import (
+    NO_ERROR,
+    ErrorInfo,
+    Nack,
+    SubscriptionConfig,
+    Topology,
+    dead_letter_headers,
+    replay_headers,
+)
 from flowrun.clock import Clock
 from flowrun.errors import BrokerError, QueueFullError
 from flowrun.ids import new_id
@@ -839,7 +847,7 @@ class SqliteStore:
                 self.unsettled.discard((subscription, tag))
                 self._count(subscription, "dropped")
                 logger.warning("dropped message seq %d of subscription '%s' (ack: none): %s", tag.seq,
-                               subscription, nack.error.message if nack.error else "no error recorded")
+                               subscription, (nack.error or NO_ERROR).message)
                 continue
             if self._claim(subscription, tag):
                 self._settle_failure(config, tag, nack.delay, nack.error, nack.terminal, nack.dead_letter)
@@ -895,7 +903,7 @@ class SqliteStore:
         if config.dead_letter is None or not dead_letter:
             self._count(config.name, "dropped")
             logger.warning("dropped message %s of subscription '%s' at delivery %d: %s", message_id,
-                           config.name, count, error.message if error else "no error recorded")
+                           config.name, count, (error or NO_ERROR).message)
             return
 
         delivery = Delivery(envelope, config.name, count, None, first_delivered_at)
@@ -1149,7 +1157,7 @@ class SqliteStore:
             if config is None:
                 raise BrokerError(f"dead letter {letter['number']} belongs to subscription '{letter['subscription']}', "
                                   "which the flow no longer declares")
-            headers = {k: v for k, v in letter["headers"].items() if not k.startswith("flowrun.")}
+            headers = replay_headers(letter)
             envelope = Envelope(new_id(), letter["topic"], letter["body"], letter["key"], headers,
                                 self.clock.wall())
             self._insert_for(envelope, config)

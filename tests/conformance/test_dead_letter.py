@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 
 from flowrun.broker import DEAD_LETTER_HEADERS, ErrorInfo, Nack
@@ -35,7 +36,7 @@ def dead_reader():
     return subscription(DEAD_READER, topic=DEAD_LETTER_TOPIC)
 
 
-async def nack_until_given_up(broker, deliveries: int, error: ErrorInfo = ERROR) -> list[int]:
+async def nack_until_given_up(broker, deliveries: int, error: ErrorInfo | None = ERROR) -> list[int]:
     """Fetch and nack the one message `deliveries` times and return the delivery counts seen."""
     counts = []
     for _ in range(deliveries):
@@ -102,6 +103,44 @@ async def test_dead_letter_headers(broker_factory):
     assert before <= first
     assert first <= last
     assert last <= after
+
+
+def broker_log(caplog) -> list[str]:
+    """Return the messages that the broker modules logged at warning level or above."""
+    return [record.getMessage() for record in caplog.records
+            if record.name.startswith("flowrun.brokers") and record.levelno >= logging.WARNING]
+
+
+async def test_nack_without_error_dead_letters(broker_factory, caplog):
+    broker = await broker_factory(failing_subscription(), dead_reader())
+    sent = envelope()
+    await broker.publish([sent])
+
+    with caplog.at_level(logging.WARNING, logger="flowrun.brokers"):
+        await nack_until_given_up(broker, 3, error=None)
+    headers = (await fetch_one(broker, DEAD_READER)).envelope.headers
+
+    assert headers["flowrun.error_type"] == "flowrun.Unknown"
+    assert headers["flowrun.error"] == "the nack carried no error"
+    assert headers["flowrun.traceback"] == ""
+    assert broker_log(caplog) == [
+        f"dead-lettered message {sent.id} of subscription '{SUBSCRIPTION}' to '{DEAD_LETTER_TOPIC}' "
+        "at delivery 3: the nack carried no error"
+    ]
+
+
+async def test_nack_without_error_drops(broker_factory, caplog):
+    broker = await broker_factory(subscription(max_deliveries=2))
+    sent = envelope()
+    await broker.publish([sent])
+
+    with caplog.at_level(logging.WARNING, logger="flowrun.brokers"):
+        await nack_until_given_up(broker, 2, error=None)
+
+    assert (await subscription_stats(broker))["dropped"] == 1
+    assert broker_log(caplog) == [
+        f"dropped message {sent.id} of subscription '{SUBSCRIPTION}' at delivery 2: the nack carried no error"
+    ]
 
 
 async def test_ack_timeouts_dead_letter(broker_factory):
