@@ -276,8 +276,12 @@ class SubscriptionWorker:
     async def _work(self) -> None:
         # A handler that does not suspend lets one worker run through every waiting
         # delivery in one event-loop turn. The push window bounds how many that is.
+        # Bound once here: this loop runs once per delivery.
         ready = self._ready
-        clock = self.broker.clock
+        monotonic = self.broker.clock.monotonic
+        on_settle = self._on_settle
+        invoke = self._invoke
+        ack = self.batcher.ack
         while True:
             if not ready:
                 self._has_work.clear()
@@ -285,25 +289,25 @@ class SubscriptionWorker:
                 continue
 
             delivery, arrived = ready.popleft()
-            started = clock.monotonic()
+            started = monotonic()
             try:
                 if started - arrived > self._safe_wait:
                     self._log_lease_ran_out(delivery, started - arrived)
                     continue
-                message = Message(delivery, self._on_settle)
+                message = Message(delivery, on_settle)
                 self.active += 1
                 try:
-                    error = await self._invoke(message)
+                    error = await invoke(message, delivery.envelope.headers)
                 finally:
                     self.active -= 1
                 if self._consumer is not None:
-                    duration = clock.monotonic() - started
+                    duration = monotonic() - started
                     if duration > self._steady_below:
                         self._resize_window(duration)
                 if error is None:
                     self.handled += 1
                     if self._auto_ack and message.claim(ACKED):
-                        self.batcher.ack(delivery.tag)
+                        ack(delivery.tag)
                 else:
                     self._conclude(message, error)
             finally:
@@ -358,9 +362,8 @@ class SubscriptionWorker:
             )
         self._apply_policy(message, error)
 
-    async def _invoke(self, message: Message) -> BaseException | None:
+    async def _invoke(self, message: Message, headers: dict[str, str]) -> BaseException | None:
         """Call the handler; return the error it raised, or that one of its publishes raised."""
-        headers = message.delivery.envelope.headers
         call = HandlerCall(_hops_of(headers) if headers else 0)
         token = current_call.set(call)
         try:
