@@ -16,18 +16,30 @@ MESSAGES = 5_000
 BODY = b'"' + b"x" * 2_000 + b'"'
 
 
-def freelist_pages(path: Path) -> int:
+def pragma(path: Path, name: str) -> int:
     with sqlite3.connect(path) as connection:
-        return int(connection.execute("PRAGMA freelist_count").fetchone()[0])
+        return int(connection.execute(f"PRAGMA {name}").fetchone()[0])
 
 
-async def test_drained_backlog_gives_its_pages_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def create_incremental_file(path: Path) -> None:
+    """Create an empty broker file as flowrun versions before this one did: with auto_vacuum=INCREMENTAL."""
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+@pytest.mark.parametrize("auto_vacuum", [0, 2], ids=["new-file", "incremental-file"])
+async def test_drained_backlog_gives_its_pages_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    auto_vacuum: int) -> None:
     # 5,000 messages of 2 KB fill about 2,800 pages of 4 KB. Every 1,000 removals the
     # broker keeps at most 100 free pages, so after the drain only the pages freed since
-    # the last return (under 1,000 removals, about 600 pages) may remain free.
+    # the last return (under 1,000 removals, about 600 pages) may remain free. New files
+    # are compacted by VACUUM, files of older versions by incremental_vacuum.
     monkeypatch.setattr(sqlite_store, "VACUUM_EVERY", 1_000)
     monkeypatch.setattr(sqlite_store, "FREE_PAGES_KEPT", 100)
     path = tmp_path / "flow.db"
+    if auto_vacuum:
+        create_incremental_file(path)
     broker = SqliteBroker(path)
     await broker.start(make_topology(subscription()))
     try:
@@ -41,4 +53,6 @@ async def test_drained_backlog_gives_its_pages_back(tmp_path: Path, monkeypatch:
 
     assert stats["acked"] == MESSAGES
     assert stats["pending"] == 0
-    assert freelist_pages(path) < 1_000
+    assert pragma(path, "auto_vacuum") == auto_vacuum
+    assert pragma(path, "freelist_count") < 1_000
+    assert pragma(path, "page_count") < 1_000
