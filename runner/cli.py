@@ -171,7 +171,10 @@ def status(
     flow_path: Annotated[str, typer.Argument(metavar="FLOW", help="The flow file whose broker to inspect.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show per subscription: pending, in flight, delayed, dead-lettered, oldest pending age."""
+    """Show per subscription: pending, in flight, delayed, dead-lettered, oldest pending age.
+
+    Exit 0, or 1 when the broker cannot be inspected, for example before the flow's first run.
+    """
     flow = _load_or_exit(flow_path, check_plugins=False)
     report = _inspect(flow, lambda broker: broker.stats())
     print_status(report, as_json, stdout)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
+import shlex
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,9 +14,12 @@ from rich.table import Table
 
 from flowrun.broker import Broker
 from flowrun.brokers import create_broker
+from flowrun.brokers.sqlite import SqliteBroker
 from flowrun.errors import FlowrunError
 from flowrun.loader import LoadedFlow
 from flowrun.runtime import build_topology
+
+logger = logging.getLogger(__name__)
 
 
 class DlqAction(str, enum.Enum):
@@ -32,11 +37,22 @@ async def with_broker(flow: LoadedFlow, work: Callable[[Broker], Awaitable[Any]]
             f"the {broker.backend} backend keeps no state outside the running process, so there is nothing "
             "to inspect; use the sqlite backend (the default) or a server backend"
         )
+    _require_broker_file(broker, flow)
     await opener(build_topology(flow))
     try:
         return await work(broker)
     finally:
         await broker.close()
+
+
+def _require_broker_file(broker: Broker, flow: LoadedFlow) -> None:
+    """Raise FlowrunError when the SQLite broker file does not exist, because opening it would create it."""
+    if not isinstance(broker, SqliteBroker) or broker.path.exists():
+        return
+    raise FlowrunError(
+        f"no broker file yet at {broker.path}, so there is nothing to inspect; the first run creates it: "
+        f"flowrun up {shlex.quote(flow.display_path)}"
+    )
 
 
 def status_table(report: dict[str, Any]) -> Table:

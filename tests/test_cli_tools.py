@@ -670,7 +670,8 @@ def test_publish_unknown_topic(publish_folder: Path) -> None:
     result = run_flowrun("publish", "flow.yaml", "Ordres", order_line(1), cwd=publish_folder)
     assert result.returncode == 2
     assert "unknown topic 'Ordres'; choose from Orders, Refunds" in collapse_panel(result.stderr)
-    assert pending(publish_folder, "billing") == 0
+    # The topic is checked before the broker is opened, so not even the broker file exists.
+    assert not (publish_folder / ".flowrun").exists()
 
 
 # flowrun plugins
@@ -841,6 +842,37 @@ def test_memory_backend_not_inspectable(tmp_path: Path, command: list[str]) -> N
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == MEMORY_MESSAGE
+
+
+@pytest.mark.parametrize("command", [
+    ["status", "flow.yaml"],
+    ["status", "flow.yaml", "--json"],
+    ["dlq", "flow.yaml", "list"],
+])
+def test_inspect_before_first_run(tmp_path: Path, command: list[str]) -> None:
+    write_flow(tmp_path, WARNING_FLOW)
+    database = tmp_path.resolve() / ".flowrun" / "shop.db"
+
+    result = run_flowrun(*command, cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"error: no broker file yet at {database}, so there is nothing to inspect; "
+        "the first run creates it: flowrun up flow.yaml\n"
+    )
+    assert not (tmp_path / ".flowrun").exists()
+
+
+def test_status_before_run_quotes_path(tmp_path: Path) -> None:
+    write_flow(tmp_path, WARNING_FLOW)
+    (tmp_path / "flow.yaml").rename(tmp_path / "my flow.yaml")
+
+    result = run_flowrun("status", "my flow.yaml", cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.endswith("the first run creates it: flowrun up 'my flow.yaml'\n")
+    assert not (tmp_path / ".flowrun").exists()
 
 
 # Broker URLs
