@@ -173,11 +173,15 @@ def status(
 ) -> None:
     """Show per subscription: pending, in flight, delayed, dead-lettered, oldest pending age.
 
+    Unlike the other columns, dead-lettered (all time) counts the dead letters of every run, replayed and purged ones too.
+
+    On NATS the column counts the dead letters still archived, and on RabbitMQ those of this process only (0).
+
     Exit 0, or 1 when the broker cannot be inspected, for example before the flow's first run.
     """
     flow = _load_or_exit(flow_path, check_plugins=False)
     report = _inspect(flow, lambda broker: broker.stats())
-    print_status(report, as_json, stdout)
+    print_status(report, as_json, stdout, _backend_of(flow))
 
 
 @app.command()

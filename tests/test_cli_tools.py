@@ -86,6 +86,14 @@ def table_rows(text: str) -> list[list[str]]:
     return [[" ".join(parts) for parts in row] for row in rows]
 
 
+def table_headings(text: str) -> list[str]:
+    """Read the column headings of a rich table whose headings fit on one line."""
+    for line in text.splitlines():
+        if line.startswith("┃"):
+            return [cell.strip() for cell in line.strip().strip("┃").split("┃")]
+    raise AssertionError(f"no table heading in:\n{text}")
+
+
 def load_example(relative: str) -> dict[str, Any]:
     return yaml.safe_load((REPOSITORY / relative).read_text(encoding="utf-8"))
 
@@ -778,6 +786,29 @@ def test_status_counts_dead_letters(failed_folder: Path) -> None:
     assert worker["in_flight"] == 0
     assert report["topics"]["Jobs"]["published"] == 3
     assert report["topics"]["Failed"]["published"] == 3
+
+
+def test_status_table_dead_letters_all_time(failed_folder: Path) -> None:
+    # The purge empties the dead-letter list, but the column counts all dead letters ever.
+    purge = run_flowrun("dlq", "flow.yaml", "purge", cwd=failed_folder)
+    result = run_flowrun("status", "flow.yaml", cwd=failed_folder)
+    rows = {row[0]: row for row in table_rows(result.stdout)}
+
+    assert purge.returncode == 0
+    assert result.returncode == 0
+    assert table_headings(result.stdout) == [
+        "subscription", "topic", "pending", "in flight", "delayed", "dead-lettered (all time)", "oldest pending",
+    ]
+    assert rows["worker"][:6] == ["worker", "Jobs", "0", "0", "0", "3"]
+
+
+def test_status_help_explains_dead_letters() -> None:
+    result = run_flowrun("status", "--help", cwd=REPOSITORY)
+    text = " ".join(result.stdout.replace("│", " ").split())
+
+    assert result.returncode == 0
+    assert ("Unlike the other columns, dead-lettered (all time) counts the dead letters of every run, "
+            "replayed and purged ones too.") in text
 
 
 def test_dlq_replay_requeues(failed_folder: Path) -> None:
