@@ -26,6 +26,8 @@ from flowrun.graph import build_graph, to_dot, to_mermaid
 from flowrun.loader import read_flow
 from flowrun.output import (
     GraphFormat,
+    PublishProgress,
+    describe_interrupted_publish,
     describe_plugin_kind,
     expand_flow_arguments,
     print_problems,
@@ -274,11 +276,16 @@ def publish(
         raise typer.BadParameter(f"unknown topic '{topic}'; choose from {', '.join(flow.spec.topics)}",
                                  param_hint="TOPIC")
     payloads = read_payloads(payload, payload_file, sys.stdin)
+    progress = PublishProgress()
     try:
-        count = asyncio.run(publish_payloads(flow, topic, payloads, key))
+        count = asyncio.run(publish_payloads(flow, topic, payloads, key, progress))
     except FlowrunError as error:
         _print_error(str(error))
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the publish, which closed the broker, before it raised this.
+        print(describe_interrupted_publish(progress, topic), file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     noun = "message" if count == 1 else "messages"
     print(f"published {count} {noun} to {topic}", file=sys.stderr)
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import glob
 import importlib.metadata
 import inspect
 import json
+import logging
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,8 +23,16 @@ from flowrun.errors import FlowrunError
 from flowrun.loader import LoadedFlow
 from flowrun.problems import Problem
 from flowrun.runtime import FlowRuntime
+from flowrun.tasks import cancel_and_wait
+
+logger = logging.getLogger(__name__)
 
 GRAPHVIZ_FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf"}
+# How long `flowrun publish` waits for the broker to store a message before it prints why it waits.
+WAIT_NOTICE_SECONDS = 1.0
+# How long reading the counts for that notice may take. A SQLite broker whose writer is stuck
+# on another process's lock reads them only after the lock is released.
+WAIT_STATS_TIMEOUT_SECONDS = 1.0
 
 
 class GraphFormat(str, enum.Enum):
@@ -149,23 +161,115 @@ def _parse_json(text: str, origin: str) -> Any:
         ) from None
 
 
+@dataclass
+class PublishProgress:
+    """How far `publish_payloads` got, still readable after Ctrl-C cancelled it."""
+
+    published: int = 0
+    # Where the payload being published came from ("stdin line 3"), None between payloads.
+    origin: str | None = None
+    wait_noticed: bool = False
+
+
 async def publish_payloads(
-    flow: LoadedFlow, topic: str, payloads: Iterable[tuple[str, Any]], key: str | None
+    flow: LoadedFlow, topic: str, payloads: Iterable[tuple[str, Any]], key: str | None,
+    progress: PublishProgress,
 ) -> int:
     """Open the flow's broker, publish every payload (schema-checked), and close it."""
     runtime = FlowRuntime(flow, only=set())
     await runtime.start()
-    count = 0
     try:
-        for origin, payload in _counted(payloads, lambda: count):
+        for origin, payload in _counted(payloads, lambda: progress.published):
+            progress.origin = origin
             try:
-                await runtime.publish(topic, payload, key)
+                await _publish_with_notice(runtime, topic, payload, key, progress)
             except FlowrunError as error:
-                raise FlowrunError(f"{origin}: {error}; {_messages(count)} published before it") from None
-            count += 1
+                earlier = _messages(progress.published)
+                raise FlowrunError(f"{origin}: {error}; {earlier} published before it") from None
+            progress.published += 1
+            progress.origin = None
     finally:
         await runtime.stop()
-    return count
+    return progress.published
+
+
+def describe_interrupted_publish(progress: PublishProgress, topic: str) -> str:
+    """Say what a publish that Ctrl-C stopped left published and what it did not.
+
+    NOTE: a Ctrl-C that lands while the broker stores the message can leave it published
+    after all, because cancelling does not stop a write already sent (SQLite runs it on its
+    own thread). The summary is then wrong about that message.
+    """
+    if progress.origin is None:
+        noun = "message was" if progress.published == 1 else "messages were"
+        return f"stopped: {progress.published} {noun} published to {topic}"
+    return (f"stopped: {progress.origin} was not published to {topic}; "
+            f"{_messages(progress.published)} published before it")
+
+
+async def _publish_with_notice(
+    runtime: FlowRuntime, topic: str, payload: Any, key: str | None, progress: PublishProgress
+) -> None:
+    """Publish one payload, and print why the broker holds it back if that takes WAIT_NOTICE_SECONDS.
+
+    The notice is printed once per command, so later payloads skip the timer.
+    """
+    if progress.wait_noticed:
+        await runtime.publish(topic, payload, key)
+        return
+    notice = asyncio.create_task(_print_wait_notice(runtime, topic, progress))
+    try:
+        await runtime.publish(topic, payload, key)
+    finally:
+        await cancel_and_wait(notice)
+
+
+async def _print_wait_notice(runtime: FlowRuntime, topic: str, progress: PublishProgress) -> None:
+    await asyncio.sleep(WAIT_NOTICE_SECONDS)
+    text = await _describe_wait(runtime, topic)
+    progress.wait_noticed = True
+    print(text, file=sys.stderr, flush=True)
+
+
+async def _describe_wait(runtime: FlowRuntime, topic: str) -> str:
+    """Build the wait notice, which names the full subscriptions of `topic` when the broker's counts show any."""
+    stop_hint = "Press Ctrl-C to stop without publishing this message."
+    max_pending = runtime.flow.spec.topics[topic].max_pending
+    full = await _full_subscriptions(runtime, topic, max_pending)
+    if full:
+        # A topic with on_full: reject raises instead of waiting, so this one blocks.
+        return (f"topic '{topic}' is full: {_describe_counts(full)} and max_pending is {max_pending}. "
+                f"Waiting for room, because the topic has on_full: block. {stop_hint}")
+    waited = f"the broker has not stored the message to topic '{topic}' after {WAIT_NOTICE_SECONDS:g}s"
+    if full is None:
+        return f"{waited}. Still waiting. {stop_hint}"
+    return f"{waited}, although no subscription of the topic is full. Still waiting. {stop_hint}"
+
+
+def _describe_counts(full: dict[str, int]) -> str:
+    names = " and ".join(f"'{name}'" for name in full)
+    counts = " and ".join(str(count) for count in full.values())
+    if len(full) > 1:
+        return f"subscriptions {names} have {counts} unsettled messages"
+    noun = "message" if counts == "1" else "messages"
+    return f"subscription {names} has {counts} unsettled {noun}"
+
+
+async def _full_subscriptions(runtime: FlowRuntime, topic: str, max_pending: int) -> dict[str, int] | None:
+    """Return the unsettled count of each subscription of `topic` that reached max_pending, None if unknown."""
+    try:
+        report = await asyncio.wait_for(runtime.broker.stats(), WAIT_STATS_TIMEOUT_SECONDS)
+    except (FlowrunError, TimeoutError) as error:
+        # The notice states that the reason is unknown, so a log line at warning would repeat it.
+        logger.info("reading the counts of topic '%s' failed, so the reason of the wait is unknown: %s",
+                    topic, str(error) or "timed out")
+        return None
+    full: dict[str, int] = {}
+    for name, counts in report["subscriptions"].items():
+        unsettled = int(counts["pending"]) + int(counts["in_flight"])
+        if counts["topic"] == topic and unsettled >= max_pending:
+            full[name] = unsettled
+    return full
 
 
 def _counted(payloads: Iterable[tuple[str, Any]], published: Any) -> Iterator[tuple[str, Any]]:

@@ -11,9 +11,12 @@ import copy
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from datetime import datetime
 from pathlib import Path
@@ -680,6 +683,68 @@ def test_publish_unknown_topic(publish_folder: Path) -> None:
     assert "unknown topic 'Ordres'; choose from Orders, Refunds" in collapse_panel(result.stderr)
     # The topic is checked before the broker is opened, so not even the broker file exists.
     assert not (publish_folder / ".flowrun").exists()
+
+
+# Orders takes two unsettled messages, and nothing consumes them, so a third publish waits.
+FULL_FLOW = """\
+name: shop
+topics:
+  Orders:
+    max_pending: 2
+subscribers:
+  billing:
+    topic: Orders
+    plugin: handlers:handle
+"""
+FULL_NOTICE = (
+    "topic 'Orders' is full: subscription 'billing' has 2 unsettled messages and max_pending is 2. "
+    "Waiting for room, because the topic has on_full: block. Press Ctrl-C to stop without publishing this message.\n"
+)
+# Python keeps SIGINT ignored when it starts with SIGINT ignored, as in a background job of a
+# script, so the child restores Python's handler first, as a terminal session has it.
+INTERRUPTIBLE_FLOWRUN = [
+    sys.executable, "-c",
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('flowrun.cli', run_name='__main__')",
+]
+
+
+def read_line(stream: Any, timeout: float) -> str:
+    """Read one line of a child's pipe, failing the test when none arrives within `timeout` seconds."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no line within {timeout}s"
+    return str(stream.readline())
+
+
+def test_publish_full_topic_notice_and_interrupt(tmp_path: Path) -> None:
+    write_flow(tmp_path, FULL_FLOW)
+    lines = tmp_path / "orders.jsonl"
+    lines.write_text("".join(f"{order_line(number)}\n" for number in range(1, 5)), encoding="utf-8")
+    environment = {name: value for name, value in os.environ.items() if name != BROKER_URL_VARIABLE}
+    with lines.open(encoding="utf-8") as stdin:
+        process = subprocess.Popen(
+            [*INTERRUPTIBLE_FLOWRUN, "publish", "flow.yaml", "Orders"], cwd=tmp_path, env=environment,
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    try:
+        started = time.monotonic()
+        notice = read_line(process.stderr, timeout=SUBPROCESS_TIMEOUT)
+        waited = time.monotonic() - started
+        process.send_signal(signal.SIGINT)
+        stdout, rest_of_stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        process.kill()
+        process.wait()
+
+    assert notice == FULL_NOTICE
+    assert waited >= 1.0
+    assert process.returncode == 130
+    assert stdout == ""
+    assert rest_of_stderr == (
+        "stopped: stdin line 3 was not published to Orders; 2 earlier messages were published before it\n"
+    )
+    assert pending(tmp_path, "billing") == 2
+    assert status_of(tmp_path)["topics"]["Orders"]["published"] == 2
 
 
 # flowrun plugins
