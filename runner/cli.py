@@ -98,7 +98,7 @@ def validate(
     if explain:
         for path in paths:
             _explain(path)
-    failed = any(problem.is_error or strict for problem in found)
+    failed = any(problem.is_error or strict and problem.is_warning for problem in found)
     raise typer.Exit(1 if failed else 0)
 
 

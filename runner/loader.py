@@ -28,6 +28,10 @@ _SECTION_MODELS: dict[str, type[BaseModel]] = {
     "subscribers": SubscriberSpec,
 }
 MAX_FILE_BYTES = 4 * 1024 * 1024
+# Rounds of removing what failed the schema before a flow is given up as too broken to
+# check its references. A removal can expose one more error (an invalid `topic` removed
+# is then missing), so one round is not always enough.
+MAX_REMOVAL_ROUNDS = 5
 
 
 @dataclass
@@ -46,17 +50,63 @@ class LoadedFlow:
         return locate_value(self.document, keys, self.display_path)
 
 
+@dataclass(frozen=True)
+class FlowReading:
+    """The result of reading a flow file, with the parsed YAML for checks beyond the schema."""
+
+    path: Path
+    display_path: str
+    flow: LoadedFlow | None
+    problems: list[Problem]
+    # False when the file could not be read at all (missing, a directory, not UTF-8).
+    file_read: bool = True
+    # The parsed YAML, or None when the file is empty or could not be read or parsed.
+    document: Any = field(default=None, repr=False)
+
+    def partial_flow(self) -> LoadedFlow | None:
+        """Return the flow without what failed the schema, so its references can still be checked.
+
+        Invalid settings are removed, so they take their defaults. A producer or subscriber
+        that lacks a required key is left out, but a topic is never left out, so no
+        reference to it turns undeclared. Returns None when there is no `topics` mapping
+        to check references against.
+        """
+        if not isinstance(self.document, dict):
+            return None
+        spec = _spec_without_invalid(self.document)
+        if spec is None:
+            return None
+        return LoadedFlow(self.path.resolve(), self.display_path, spec, self.document)
+
+
 def read_flow(path: str | Path) -> tuple[LoadedFlow | None, list[Problem]]:
     """Load and schema-check a flow file; return the flow (None on errors) and every problem."""
+    reading = read_flow_file(path)
+    return reading.flow, reading.problems
+
+
+def read_flow_file(path: str | Path) -> FlowReading:
+    """Load and schema-check a flow file, keeping its YAML for a partial check on errors."""
     display_path = str(path)
     file_path = Path(path)
 
     try:
         text = _read_text(file_path, display_path)
+    except FlowFileError as error:
+        return FlowReading(file_path, display_path, None, [problems.error(error.location, error.message)],
+                           file_read=False)
+    try:
         document = load_yaml(text, display_path)
     except FlowFileError as error:
-        return None, [problems.error(error.location, error.message)]
+        return FlowReading(file_path, display_path, None, [problems.error(error.location, error.message)])
 
+    flow, found = _flow_from_document(document, file_path, display_path)
+    return FlowReading(file_path, display_path, flow, found, document=document)
+
+
+def _flow_from_document(
+    document: Any, file_path: Path, display_path: str
+) -> tuple[LoadedFlow | None, list[Problem]]:
     if not isinstance(document, dict):
         kind = "an empty file" if document is None else _kind_of(document)
         location = Location(display_path, 1, 1)
@@ -80,6 +130,63 @@ def load_flow(path: str | Path) -> LoadedFlow:
     if flow is None:
         raise FlowValidationError(found)
     return flow
+
+
+def _spec_without_invalid(document: dict[Any, Any]) -> FlowSpec | None:
+    """Validate a copy of the document, removing what fails until the rest passes."""
+    remaining = _plain_copy(document)
+    for _ in range(MAX_REMOVAL_ROUNDS):
+        try:
+            return FlowSpec.model_validate(remaining)
+        except ValidationError as error:
+            for item in error.errors():
+                if not _remove_invalid(remaining, tuple(item["loc"]), item["type"]):
+                    return None
+    return None
+
+
+def _plain_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_copy(item) for item in value]
+    return value
+
+
+def _remove_invalid(document: dict[Any, Any], loc: tuple[Any, ...], kind: str) -> bool:
+    """Remove what a schema error points at; return False when no topics would be left to check against.
+
+    `loc` and `kind` are the error's location and type as pydantic reports them. An error
+    inside an entry of topics, producers or subscribers removes the entry's key that
+    contains it, so a whole `retry` goes for an error in `retry.initial`. A producer or
+    subscriber that lacks a required key is removed whole, and a topic that is not a
+    mapping takes the defaults.
+    """
+    if not loc:
+        return False
+    section = loc[0]
+    if section not in _SECTION_NOUNS:
+        document.pop(section, None)
+        return True
+    entries = document.get(section)
+    if len(loc) == 1 or not isinstance(entries, dict):
+        if section == "topics":
+            return False
+        document.pop(section, None)
+        return True
+
+    name = loc[1]
+    entry = entries.get(name)
+    key = loc[2] if len(loc) > 2 else None
+    if section == "topics" and key == "[key]":
+        return False
+    if isinstance(entry, dict) and key not in (None, "[key]") and kind != "missing":
+        entry.pop(key, None)
+    elif section == "topics":
+        entries[name] = {}
+    else:
+        entries.pop(name, None)
+    return True
 
 
 def _read_text(file_path: Path, display_path: str) -> str:

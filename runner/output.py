@@ -57,7 +57,8 @@ def expand_flow_arguments(arguments: Iterable[str]) -> list[str]:
 def print_problems(found: list[Problem], output_format: str, strict: bool) -> None:
     if output_format == "json":
         rows = [{"path": p.location.path, "line": p.location.line, "column": p.location.column,
-                 "severity": "error" if strict else p.severity.value, "message": p.message} for p in found]
+                 "severity": "error" if strict and p.is_warning else p.severity.value, "message": p.message}
+                for p in found]
         print(json.dumps(rows, indent=2))
         return
 
@@ -70,7 +71,10 @@ def print_problems(found: list[Problem], output_format: str, strict: bool) -> No
 
 def github_annotation(problem: Problem, strict: bool) -> str:
     """Format a problem as a GitHub Actions workflow command, escaped as the runner expects."""
-    level = "error" if problem.is_error or strict else "warning"
+    if problem.is_error or strict and problem.is_warning:
+        level = "error"
+    else:
+        level = "warning" if problem.is_warning else "notice"
     location = problem.location
     properties = f"file={_escape_property(location.path)}"
     if location.line > 0:
@@ -210,7 +214,7 @@ def describe_interrupted_publish(progress: PublishProgress, topic: str) -> str:
 async def _publish_with_notice(
     runtime: FlowRuntime, topic: str, payload: Any, key: str | None, progress: PublishProgress
 ) -> None:
-    """Publish one payload, and print why the broker holds it back if that takes WAIT_NOTICE_SECONDS.
+    """Publish one payload, and print why it waits if the broker has not stored it in WAIT_NOTICE_SECONDS.
 
     The notice is printed once per command, so later payloads skip the timer.
     """

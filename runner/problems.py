@@ -11,6 +11,8 @@ from flowrun.errors import Location
 class Severity(str, enum.Enum):
     ERROR = "error"
     WARNING = "warning"
+    # A check that did not run, which --strict does not turn into an error.
+    NOTE = "note"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class Problem:
     def is_error(self) -> bool:
         return self.severity is Severity.ERROR
 
+    @property
+    def is_warning(self) -> bool:
+        return self.severity is Severity.WARNING
+
 
 def error(location: Location, message: str) -> Problem:
     return Problem(location, Severity.ERROR, message)
@@ -35,3 +41,7 @@ def error(location: Location, message: str) -> Problem:
 
 def warning(location: Location, message: str) -> Problem:
     return Problem(location, Severity.WARNING, message)
+
+
+def note(location: Location, message: str) -> Problem:
+    return Problem(location, Severity.NOTE, message)

@@ -13,9 +13,9 @@ from pydantic import BaseModel, ValidationError
 from flowrun import problems
 from flowrun.brokers import BACKENDS, effective_spec
 from flowrun.brokers.options import BACKEND_OPTIONS
-from flowrun.errors import FlowrunError, PluginError
+from flowrun.errors import FlowrunError, Location, PluginError
 from flowrun.graph import build_graph, label, subscriber, topic, topic_cycles
-from flowrun.loader import LoadedFlow, read_flow
+from flowrun.loader import LoadedFlow, read_flow_file
 from flowrun.plugins import Handler, Producer, resolve
 from flowrun.problems import Problem
 from flowrun.durations import format_duration
@@ -24,13 +24,40 @@ from flowrun.spec import AckPolicy, DeliveryMode, ErrorAction, SubscriberSpec
 
 logger = logging.getLogger(__name__)
 
+# Notes after a file's schema errors. The references are "topics and plugins", or "topics" with --no-import.
+NOT_CHECKED = ("references to {references} were not checked because of the errors above; "
+               "fix them and run flowrun validate again")
+PARTLY_CHECKED = ("because of the errors above, only references to {references} were checked (not in "
+                  "entries with an invalid or missing topic, plugin or publishes); fix the errors to check the rest")
+
 
 def validate_file(path: str, import_plugins: bool = True) -> list[Problem]:
-    """Load and check one flow file; return every problem found, sorted by position."""
-    flow, found = read_flow(path)
-    if flow is not None:
-        found = check_flow(flow, import_plugins)
+    """Load and check one flow file; return every problem found, sorted by position.
+
+    A file with schema errors still gets its references checked where enough of it is
+    valid, and a note after the errors names the checks that did not run.
+    """
+    reading = read_flow_file(path)
+    if reading.flow is not None:
+        return _by_position(check_flow(reading.flow, import_plugins))
+    if not reading.file_read:
+        return _by_position(reading.problems)
+
+    references = "topics and plugins" if import_plugins else "topics"
+    partial = reading.partial_flow()
+    if partial is None:
+        note = problems.note(Location(path), NOT_CHECKED.format(references=references))
+        return _by_position(reading.problems) + [note]
+    found = reading.problems + check_references(partial) + _check_plugin_references(partial, import_plugins)
+    return _by_position(found) + [problems.note(Location(path), PARTLY_CHECKED.format(references=references))]
+
+
+def _by_position(found: list[Problem]) -> list[Problem]:
     return sorted(found, key=lambda problem: (problem.location.line, problem.location.column))
+
+
+def _check_plugin_references(flow: LoadedFlow, import_plugins: bool) -> list[Problem]:
+    return check_plugins(flow) if import_plugins else check_schema_files(flow)
 
 
 def check_flow(flow: LoadedFlow, import_plugins: bool = True) -> list[Problem]:
@@ -38,10 +65,7 @@ def check_flow(flow: LoadedFlow, import_plugins: bool = True) -> list[Problem]:
     found = check_references(flow)
     found += check_graph(flow)
     found += check_settings(flow)
-    if import_plugins:
-        found += check_plugins(flow)
-    else:
-        found += check_schema_files(flow)
+    found += _check_plugin_references(flow, import_plugins)
     return found
 
 

@@ -407,6 +407,11 @@ def flows_folder(tmp_path: Path) -> tuple[Path, int, int]:
 
 
 MISSPELLED_MESSAGE = "unknown key 'ack_timout' in subscriber 'inventory' (did you mean 'ack_timeout'?)"
+# The note that follows a flow's schema errors once its references were checked anyway.
+PARTLY_CHECKED = (
+    "because of the errors above, only references to topics and plugins were checked (not in entries with an "
+    "invalid or missing topic, plugin or publishes); fix the errors to check the rest"
+)
 
 
 def test_validate_github_annotation(tmp_path: Path, flows_folder: tuple[Path, int, int]) -> None:
@@ -415,6 +420,7 @@ def test_validate_github_annotation(tmp_path: Path, flows_folder: tuple[Path, in
     assert result.returncode == 1
     assert result.stdout == (
         f"::error file=flows/bad.yaml,line={line},col={column},title=flowrun::{MISSPELLED_MESSAGE}\n"
+        f"::notice file=flows/bad.yaml,title=flowrun::{PARTLY_CHECKED}\n"
     )
 
 
@@ -424,7 +430,8 @@ def test_validate_json_problems(tmp_path: Path, flows_folder: tuple[Path, int, i
     assert result.returncode == 1
     assert json.loads(result.stdout) == [
         {"path": "flows/bad.yaml", "line": line, "column": column, "severity": "error",
-         "message": MISSPELLED_MESSAGE}
+         "message": MISSPELLED_MESSAGE},
+        {"path": "flows/bad.yaml", "line": 0, "column": 0, "severity": "note", "message": PARTLY_CHECKED},
     ]
 
 
@@ -432,7 +439,10 @@ def test_validate_text_format(tmp_path: Path, flows_folder: tuple[Path, int, int
     _, line, column = flows_folder
     result = run_flowrun("validate", "flows/*.yaml", cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stdout == f"flows/bad.yaml:{line}:{column}: error: {MISSPELLED_MESSAGE}\n"
+    assert result.stdout == (
+        f"flows/bad.yaml:{line}:{column}: error: {MISSPELLED_MESSAGE}\n"
+        f"flows/bad.yaml: note: {PARTLY_CHECKED}\n"
+    )
     assert result.stderr == "flows/good.yaml: valid\n"
 
 

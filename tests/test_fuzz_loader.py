@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flowrun.problems import Severity
 from flowrun.validate import validate_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -159,6 +160,10 @@ def check_problems(path: Path) -> None:
         assert problem.location.line >= 0
         assert problem.location.column >= 0
         assert problem.message != ""
+    # A note names the checks that the errors before it stopped, so it comes last, after an error.
+    notes = [index for index, problem in enumerate(found) if problem.severity is Severity.NOTE]
+    assert notes in ([], [len(found) - 1])
+    assert not notes or found[0].is_error
 
 
 def test_valid_flow_has_no_errors(flow_path: Path) -> None:

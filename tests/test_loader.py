@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from flowrun.errors import FlowValidationError
-from flowrun.loader import LoadedFlow, load_flow, read_flow
+from flowrun.loader import LoadedFlow, load_flow, read_flow, read_flow_file
 from flowrun.spec import AckPolicy, DeliveryMode, OnFull
 
 # Subscriber 'billing' ends on line 14, so a line appended by `with_billing` is line 15.
@@ -453,6 +453,60 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     assert error_lines(tmp_path) == [f"{tmp_path}: error: is a directory; pass a flow file (.yaml)"]
+
+
+# The partial flow that validate checks references on despite schema errors
+
+
+def partial_of(path: Path) -> LoadedFlow | None:
+    reading = read_flow_file(path)
+    assert reading.flow is None
+    assert reading.problems != []
+    return reading.partial_flow()
+
+
+def test_partial_flow_drops_invalid_setting(tmp_path: Path) -> None:
+    partial = partial_of(write(tmp_path, with_billing("ack_timout: 5s", "max_deliveries: many")))
+    assert partial is not None
+    billing = partial.spec.subscribers["billing"]
+    assert billing.max_deliveries == 5
+    assert billing.plugin == "orders.billing"
+    assert billing.publishes == ["OrderBilled"]
+    assert partial.locate_value("subscribers", "billing", "plugin").line == 13
+
+
+def test_partial_flow_keeps_invalid_topic(tmp_path: Path) -> None:
+    # Leaving the topic out would turn every reference to it undeclared.
+    text = BASE_FLOW.replace("  OrderPlaced:\n", "  OrderPlaced: [a, list]\n")
+    partial = partial_of(write(tmp_path, text))
+    assert partial is not None
+    assert list(partial.spec.topics) == ["OrderPlaced", "OrderBilled"]
+    assert partial.spec.topics["OrderPlaced"].max_pending == 10_000
+
+
+def test_partial_flow_drops_entry_without_topic(tmp_path: Path) -> None:
+    # An invalid topic value is removed first, so the subscriber then lacks its topic.
+    text = BASE_FLOW.replace("    topic: OrderPlaced\n", "    topic: [OrderPlaced]\n")
+    partial = partial_of(write(tmp_path, text))
+    assert partial is not None
+    assert partial.spec.subscribers == {}
+    assert list(partial.spec.producers) == ["replay"]
+
+
+@pytest.mark.parametrize("text", [
+    "name: shop\n",
+    "topics: [OrderPlaced, OrderBilled]\n",
+    "topics:\n  yes:\n",
+    "- OrderPlaced\n",
+])
+def test_partial_flow_none_without_topics(tmp_path: Path, text: str) -> None:
+    assert partial_of(write(tmp_path, text)) is None
+
+
+def test_partial_flow_none_unread_file(tmp_path: Path) -> None:
+    reading = read_flow_file(tmp_path / "absent.yaml")
+    assert reading.file_read is False
+    assert reading.partial_flow() is None
 
 
 # ${ENV} expansion

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -161,7 +162,116 @@ def test_misspelled_key_exits_one(tmp_path: Path) -> None:
     assert result.stdout.startswith(f"{path}:14:")
     assert result.stdout == (
         f"{path}:14:5: error: unknown key 'ack_timout' in subscriber 'billing' (did you mean 'ack_timeout'?)\n"
+        f"{path}: note: {PARTLY_CHECKED}\n"
     )
+
+
+# The producer and subscriber 'billing' have errors that the schema finds and errors that only
+# the reference checks find. 'audit' lacks its plugin, so nothing of it is checked.
+SCHEMA_AND_REFERENCE_ERRORS_FLOW = """\
+name: shop
+topics:
+  OrderPlaced:
+    max_pending: lots
+  OrderBilled:
+producers:
+  replay:
+    plugin: handlers:missing_attr
+    publishes: [OrderPlced]
+subscribers:
+  billing:
+    topic: OrderPlaced
+    plugin: nosuch.module:fn
+    ack_timout: 5s
+    dead_letter: Graveyard
+  audit:
+    topic: Undeclared
+"""
+PARTLY_CHECKED = (
+    "because of the errors above, only references to topics and plugins were checked (not in entries with an "
+    "invalid or missing topic, plugin or publishes); fix the errors to check the rest"
+)
+NOT_CHECKED = (
+    "references to topics and plugins were not checked because of the errors above; "
+    "fix them and run flowrun validate again"
+)
+
+
+def test_schema_and_reference_errors_together(tmp_path: Path) -> None:
+    write_flow(tmp_path, SCHEMA_AND_REFERENCE_ERRORS_FLOW)
+    result = run_flowrun("validate", "flow.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == ""
+    assert result.stdout.splitlines() == [
+        "flow.yaml:4:18: error: invalid value 'lots' for 'max_pending' in topic 'OrderPlaced': "
+        "Input should be a valid integer, unable to parse string as an integer",
+        "flow.yaml:8:13: error: plugin 'handlers:missing_attr': 'handlers' has no attribute 'missing_attr'",
+        "flow.yaml:9:17: error: producer 'replay' publishes to undeclared topic 'OrderPlced' "
+        "(did you mean 'OrderPlaced'?)",
+        "flow.yaml:13:13: error: plugin 'nosuch.module:fn': module 'nosuch' not found; install the package "
+        "that provides it, or put the module next to the flow file",
+        "flow.yaml:14:5: error: unknown key 'ack_timout' in subscriber 'billing' (did you mean 'ack_timeout'?)",
+        "flow.yaml:15:18: error: dead_letter of subscriber 'billing' names undeclared topic 'Graveyard'; "
+        "declare it under topics",
+        "flow.yaml:16:3: error: missing required key 'plugin' in subscriber 'audit'",
+        f"flow.yaml: note: {PARTLY_CHECKED}",
+    ]
+
+
+def test_schema_errors_without_import(tmp_path: Path) -> None:
+    write_flow(tmp_path, SCHEMA_AND_REFERENCE_ERRORS_FLOW)
+    result = run_flowrun("validate", "--no-import", "flow.yaml", cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 6
+    assert lines[1].startswith("flow.yaml:9:17: error: producer 'replay' publishes to undeclared topic 'OrderPlced'")
+    assert lines[3].startswith("flow.yaml:15:18: error: dead_letter of subscriber 'billing' names undeclared topic")
+    assert lines[5] == f"flow.yaml: note: {PARTLY_CHECKED.replace('topics and plugins', 'topics')}"
+
+
+def test_missing_topics_not_checked(tmp_path: Path) -> None:
+    text = "name: shop\nproducers:\n  replay:\n    plugin: handlers:missing_attr\n    publishes: [Orders]\n"
+    write_flow(tmp_path, text)
+    result = run_flowrun("validate", "flow.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == (
+        "flow.yaml:1:1: error: missing required key 'topics' at the top level of the flow\n"
+        f"flow.yaml: note: {NOT_CHECKED}\n"
+    )
+
+
+def test_invalid_yaml_not_checked(tmp_path: Path) -> None:
+    write_flow(tmp_path, "topics:\n  Orders: [\n")
+    result = run_flowrun("validate", "flow.yaml", cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 2
+    assert lines[0].startswith("flow.yaml:3:1: error: invalid YAML: ")
+    assert lines[1] == f"flow.yaml: note: {NOT_CHECKED}"
+
+
+TOPICS_MISSING = "missing required key 'topics' at the top level of the flow"
+
+
+def test_note_github_notice(tmp_path: Path) -> None:
+    write_flow(tmp_path, "name: shop\n")
+    result = run_flowrun("validate", "--strict", "--format", "github", "flow.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == (
+        f"::error file=flow.yaml,line=1,col=1,title=flowrun::{TOPICS_MISSING}\n"
+        f"::notice file=flow.yaml,title=flowrun::{NOT_CHECKED}\n"
+    )
+
+
+def test_note_json_stays_note(tmp_path: Path) -> None:
+    # --strict turns warnings into errors, but a note is not a finding about the flow.
+    write_flow(tmp_path, "name: shop\n")
+    result = run_flowrun("validate", "--strict", "--format", "json", "flow.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == [
+        {"path": "flow.yaml", "line": 1, "column": 1, "severity": "error", "message": TOPICS_MISSING},
+        {"path": "flow.yaml", "line": 0, "column": 0, "severity": "note", "message": NOT_CHECKED},
+    ]
 
 
 def test_undeclared_topic_suggested(tmp_path: Path) -> None:
