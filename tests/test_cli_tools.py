@@ -551,6 +551,16 @@ def test_validate_explain_rows(tmp_path: Path) -> None:
     assert by_name["ledger"][6] == "dropped and counted (no dead_letter topic)"
 
 
+@pytest.mark.parametrize("output_format", ["text", "json"])
+def test_validate_explain_valid_once(tmp_path: Path, output_format: str) -> None:
+    # The "valid" line is the check's result, so the table that --explain adds must not repeat it.
+    write_flow(tmp_path, EXPLAIN_FLOW)
+    result = run_flowrun("validate", "flow.yaml", "--explain", "--format", output_format, cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stderr == ("flow.yaml: valid\n" if output_format == "text" else "")
+    assert result.stdout.count("flow.yaml: effective guarantees") == 1
+
+
 def test_explain_memory_backend(tmp_path: Path) -> None:
     write_flow(tmp_path, EXPLAIN_FLOW.replace("name: shop\n", "name: shop\nbroker: {backend: memory}\n"))
     result = run_flowrun("validate", "flow.yaml", "--explain", cwd=tmp_path)
