@@ -10,7 +10,8 @@ A topic's messages are deleted once every subscription is past them. Several pro
 may open the same file: each fetch is one write transaction, so they compete for
 messages and each delivery goes to one of them.
 
-`SqliteStore` is synchronous. `flowrun.brokers.sqlite_host` decides where it runs.
+`SqliteStore` is synchronous; `flowrun.brokers.sqlite.SqliteBroker` runs it on its database
+thread and batches its calls into transactions.
 """
 
 from __future__ import annotations
