@@ -10,7 +10,7 @@ import pytest
 from flowrun.brokers import sqlite_store
 from flowrun.brokers.sqlite import SqliteBroker
 from tests.conftest import make_topology
-from tests.conformance.helpers import SUBSCRIPTION, TOPIC, envelope, fetch_exactly, subscription
+from tests.conformance.helpers import SUBSCRIPTION, TOPIC, envelope, envelopes, fetch_exactly, subscription
 
 MESSAGES = 5_000
 BODY = b'"' + b"x" * 2_000 + b'"'
@@ -56,3 +56,25 @@ async def test_drained_backlog_gives_its_pages_back(tmp_path: Path, monkeypatch:
     assert pragma(path, "auto_vacuum") == auto_vacuum
     assert pragma(path, "freelist_count") < 1_000
     assert pragma(path, "page_count") < 1_000
+
+
+async def test_stats_omit_dropped_subscriber(tmp_path: Path) -> None:
+    # A subscriber renamed in the flow leaves its old row in the file. The old one holds
+    # no messages any more, so the report must not show it with a backlog.
+    path = tmp_path / "flow.db"
+    before = SqliteBroker(path)
+    await before.start(make_topology(subscription("old-name")))
+    await before.publish(envelopes(3))
+    await before.close()
+
+    after = SqliteBroker(path)
+    await after.start(make_topology(subscription("new-name")))
+    try:
+        await after.publish(envelopes(2))
+        report = await after.stats()
+    finally:
+        await after.close()
+
+    assert list(report["subscriptions"]) == ["new-name"]
+    assert report["subscriptions"]["new-name"]["pending"] == 2
+    assert report["topics"][TOPIC]["published"] == 5

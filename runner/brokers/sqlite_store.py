@@ -1095,6 +1095,12 @@ class SqliteStore:
         return self._db.execute(query, list(subscriptions)).fetchone()[0] == 0
 
     def stats(self) -> dict[str, Any]:
+        """Report counts per topic and per subscription that the flow declares.
+
+        A subscription that the flow no longer declares keeps its row in the file, but
+        holds no messages (trim ignores it), so its backlog would be wrong; it is left out.
+        Without a declared flow (`open_for_inspection(None)`) every subscription is reported.
+        """
         connection = self._db
         report: dict[str, Any] = {"topics": {}, "subscriptions": {}}
         for name, published in connection.execute("SELECT name, published FROM topics ORDER BY name"):
@@ -1107,6 +1113,8 @@ class SqliteStore:
             "SELECT name, topic, delivered, acked, redelivered, dead_lettered, dropped FROM subscriptions ORDER BY name"
         ):
             name, topic, delivered, acked, redelivered, dead_lettered, dropped = row
+            if self.configs and name not in self.configs:
+                continue
             gauge = gauges.get(name, {"pending": 0, "in_flight": 0, "delayed": 0, "oldest": None})
             report["subscriptions"][name] = {
                 "topic": topic, "delivered": delivered, "acked": acked, "redelivered": redelivered,
