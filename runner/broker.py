@@ -279,6 +279,14 @@ async def fetch_or_back_off(
     return deliveries
 
 
+# Bytes of message bodies that a push consumer keeps fetched and unacked, at most about:
+# the window shrinks below `limit` when messages are large, so memory stays bounded also
+# with megabyte payloads. Estimated from the first body of each fetch.
+WINDOW_BYTES = 16 * 1024 * 1024
+# Weight of the newest sample in the mean body size.
+BODY_SIZE_WEIGHT = 0.25
+
+
 class FetchConsumer:
     """Push delivery built on `fetch`: dispatches while fewer than the cap are unacked."""
 
@@ -291,6 +299,9 @@ class FetchConsumer:
         self.limit = max_in_flight
         self.outstanding: set[Any] = set()
         self.peak_outstanding = 0
+        # The window that WINDOW_BYTES allows for the mean body size seen so far.
+        self.byte_limit = max_in_flight
+        self._mean_body = 0.0
         self._room = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -319,16 +330,18 @@ class FetchConsumer:
 
     async def _run(self) -> None:
         while True:
-            while len(self.outstanding) >= self.limit:
+            while len(self.outstanding) >= min(self.limit, self.byte_limit):
                 self._room.clear()
                 await self._room.wait()
 
-            free = self.limit - len(self.outstanding)
+            free = min(self.limit, self.byte_limit) - len(self.outstanding)
             deliveries = await fetch_or_back_off(self.broker, self.subscription, free, 5.0, self._failures)
 
             if not deliveries:
                 # A closed broker returns at once; yield so the loop cannot starve others.
                 await asyncio.sleep(0)
+                continue
+            self._note_body_size(len(deliveries[0].envelope.body))
             for delivery in deliveries:
                 self.outstanding.add(delivery.tag)
                 result = self.callback(delivery)
@@ -337,6 +350,14 @@ class FetchConsumer:
                     self._handlers.add(task)
                     task.add_done_callback(self._handlers.discard)
             self.peak_outstanding = max(self.peak_outstanding, len(self.outstanding))
+
+    def _note_body_size(self, size: int) -> None:
+        """Fold one fetch's body size into the mean, and fit byte_limit to it."""
+        if self._mean_body:
+            self._mean_body += BODY_SIZE_WEIGHT * (size - self._mean_body)
+        else:
+            self._mean_body = float(size)
+        self.byte_limit = max(1, int(WINDOW_BYTES // max(self._mean_body, 1.0)))
 
     async def stop(self) -> None:
         """Stop fetching; handlers already dispatched keep running."""

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from flowrun.broker import Nack
 from flowrun.message import Delivery
 
 from .helpers import (
     SUBSCRIPTION,
     WAIT_SECONDS,
+    envelope,
     envelopes,
     fetch_exactly,
     subscription,
@@ -149,3 +152,33 @@ async def test_consume_ignores_other_subscription_backlog(broker_factory):
     assert billing["acked"] == MESSAGES
     assert shipping["in_flight"] == 5
     assert shipping["pending"] == MESSAGES - 5
+
+
+async def test_consume_window_bounded_by_bytes(backend, broker_factory):
+    # 64 bodies of 256 KiB fill WINDOW_BYTES (16 MiB). The first fetch takes one message,
+    # which gives the body size; a window of 1,000 then still leaves only 63 more in flight.
+    if backend == "rabbitmq":
+        pytest.skip("RabbitMQ's prefetch counts messages only; it has no byte limit")
+    body = b'"' + b"x" * (256 * 1024 - 2) + b'"'
+    broker = await broker_factory(subscription())
+    await broker.publish([envelope(body=body) for _ in range(80)])
+    received: list[Delivery] = []
+    enough = asyncio.Event()
+
+    def hold(delivery: Delivery) -> None:
+        received.append(delivery)
+        if len(received) >= 64:
+            enough.set()
+
+    consumer = broker.consume(SUBSCRIPTION, hold, 1000)
+    consumer.set_limit(1)
+    while not received:
+        await asyncio.sleep(0.01)
+    consumer.set_limit(1000)
+    await asyncio.wait_for(enough.wait(), WAIT_SECONDS)
+    await asyncio.sleep(0.3)
+    held = len(received)
+    await consumer.stop()
+
+    assert consumer.byte_limit == 64
+    assert held == 64
