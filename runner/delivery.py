@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from flowrun.broker import Broker, ErrorInfo, FetchConsumer, FetchFailures, Nack, SubscriptionConfig, fetch_or_back_off
 from flowrun.context import Context, HandlerCall, current_call
-from flowrun.errors import BrokerError, HopLimitError, PayloadError, UndeclaredTopicError
+from flowrun.errors import EXITS, BrokerError, HopLimitError, PayloadError, PluginExit, UndeclaredTopicError
 from flowrun.logs import RepeatLimiter
 from flowrun.message import ACKED, HOPS_HEADER, Delivery, Message, Outcome, loop_call
 from flowrun.plugins import Handler, Invoker
@@ -376,6 +376,8 @@ class SubscriptionWorker:
             error: BaseException | None = None
         except Exception as raised:  # noqa: BLE001 - every handler error is settled, not raised
             error = raised
+        except EXITS as raised:
+            error = PluginExit(raised)
         finally:
             current_call.reset(token)
 

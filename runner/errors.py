@@ -4,6 +4,7 @@
     ├── FlowFileError            a flow file that cannot be loaded (YAML or schema)
     ├── FlowValidationError      a loaded flow whose references or graph are invalid
     ├── PluginError              a plugin reference that cannot be imported or used
+    ├── PluginExit               plugin code raised SystemExit or KeyboardInterrupt
     ├── PublishError             a publish that was rejected
     │   ├── UndeclaredTopicError a handler published to a topic it did not declare
     │   ├── PayloadError         a payload that cannot be encoded
@@ -23,6 +24,21 @@ from dataclasses import dataclass
 
 class FlowrunError(Exception):
     """Root of every error flowrun raises on purpose."""
+
+
+# What plugin code may raise that is not an Exception but must not stop flowrun: a
+# handler's sys.exit() would otherwise end its worker task and leave its message in flight.
+EXITS = (SystemExit, KeyboardInterrupt)
+
+
+class PluginExit(FlowrunError):
+    """Plugin code raised SystemExit or KeyboardInterrupt, which flowrun handles like any error."""
+
+    def __init__(self, raised: BaseException) -> None:
+        self.raised = raised
+        detail = f"({raised})" if str(raised) else ""
+        super().__init__(f"{type(raised).__name__}{detail} raised by plugin code; a plugin cannot stop flowrun "
+                         "this way, so raise an exception to fail a message")
 
 
 @dataclass(frozen=True)

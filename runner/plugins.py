@@ -12,14 +12,17 @@ import importlib
 import importlib.metadata
 import inspect
 import logging
+import os
 import sys
+import sysconfig
+import traceback
 from collections.abc import Awaitable, Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from flowrun.errors import PluginError
+from flowrun.errors import EXITS, PluginError
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +57,8 @@ def resolve(reference: str, search_path: Path | None = None) -> Any:
         )
     try:
         return matches[0].load()
-    except Exception as error:  # noqa: BLE001 - any import failure of user code is reported
-        raise PluginError(reference, f"entry point {matches[0].value} failed to load: {_describe(error)}") from error
+    except (Exception, *EXITS) as error:  # noqa: BLE001 - any import failure of user code is reported
+        raise PluginError(reference, f"entry point {matches[0].value} failed to load: {_describe(error)}") from None
 
 def _import_attribute(reference: str, search_path: Path | None) -> Any:
     module_name, _, attribute = reference.partition(":")
@@ -75,7 +78,7 @@ def _import_attribute(reference: str, search_path: Path | None) -> Any:
                 "or put the module next to the flow file",
             ) from None
         raise PluginError(reference, f"importing '{module_name}' failed: {_describe(error)}") from error
-    except Exception as error:  # noqa: BLE001 - any import failure of user code is reported
+    except (Exception, *EXITS) as error:  # noqa: BLE001 - any import failure of user code is reported
         raise PluginError(reference, f"importing '{module_name}' failed: {_describe(error)}") from error
 
     for part in attribute.split("."):
@@ -86,6 +89,25 @@ def _import_attribute(reference: str, search_path: Path | None) -> Any:
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def plugin_frame(error: BaseException) -> str | None:
+    """Return `file:line` of the innermost traceback frame outside flowrun and the standard library, if any.
+
+    Looks at the error, then at the exit a PluginExit wraps, then at the error's cause.
+    """
+    for candidate in (error, getattr(error, "raised", None), error.__cause__, error.__context__):
+        if candidate is None:
+            continue
+        outside = [frame for frame in traceback.extract_tb(candidate.__traceback__)
+                   if not frame.filename.startswith(_NOT_PLUGIN_CODE)]
+        if outside:
+            return f"{outside[-1].filename}:{outside[-1].lineno}"
+    return None
+
+
+# Folders of code that is not a plugin's: flowrun itself and the standard library.
+_NOT_PLUGIN_CODE = (str(Path(__file__).resolve().parent) + os.sep, sysconfig.get_paths()["stdlib"] + os.sep)
 
 def count_positional(function: Callable[..., Any]) -> tuple[int, int]:
     """Return the (required, maximum) positional parameter counts; maximum -1 means *args."""

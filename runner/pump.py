@@ -13,6 +13,8 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from flowrun.errors import EXITS, PluginExit
+
 
 class SyncPump:
     """Moves items of a sync iterator from a worker thread to the event loop."""
@@ -36,6 +38,9 @@ class SyncPump:
                     return
         except Exception as error:  # noqa: BLE001 - raised again on the event loop, after earlier items
             self._error = error
+        except EXITS as raised:
+            # Raised on this thread's task, it would escape the event loop and end the run.
+            self._error = PluginExit(raised)
         finally:
             with self._room:
                 self._ended = True

@@ -16,12 +16,12 @@ from flowrun.brokers import create_broker
 from flowrun.clock import SYSTEM_CLOCK, Clock
 from flowrun.context import Context
 from flowrun.delivery import SubscriptionWorker
-from flowrun.errors import FlowrunError, HopLimitError, PluginError
+from flowrun.errors import EXITS, FlowrunError, HopLimitError, PluginError, PluginExit
 from flowrun.ids import new_id
 from flowrun.loader import LoadedFlow
 from flowrun.message import HOPS_HEADER, Envelope
 from flowrun.outgoing import Outgoing
-from flowrun.plugins import Handler, Invoker, Producer, resolve
+from flowrun.plugins import Handler, Invoker, Producer, plugin_frame, resolve
 from flowrun.schemas import SchemaError, TopicSchema, load_topic_schema
 from flowrun.publisher import BatchPublisher
 from flowrun.pump import SyncPump
@@ -109,7 +109,7 @@ class FlowRuntime:
             invoker = Invoker(name, 1)
             try:
                 await handler.setup(invoker, context)
-            except Exception as error:
+            except (Exception, *EXITS) as error:
                 raise PluginError(handler.reference, f"setup() of subscriber '{name}' failed: {error}") from error
             finally:
                 invoker.shutdown()
@@ -117,7 +117,7 @@ class FlowRuntime:
         for name, (producer, context, invoker) in self._producers.items():
             try:
                 await producer.setup(invoker, context)
-            except Exception as error:
+            except (Exception, *EXITS) as error:
                 raise PluginError(producer.reference, f"setup() of producer '{name}' failed: {error}") from error
 
         # Everything alive now (modules, plugins, the flow) lives as long as the run, so
@@ -232,11 +232,23 @@ class FlowRuntime:
         except asyncio.CancelledError:
             logger.info("producer '%s' stopped", name)
             raise
-        except Exception as error:
-            logger.error("producer '%s' failed: %s: %s", name, type(error).__name__, error, exc_info=not isinstance(error, FlowrunError))
-            self.failures.append(f"producer '{name}' failed: {type(error).__name__}: {error}")
-            # A failed producer publishes nothing more, so waiting for it cannot end.
-            await self.broker.set_producer_state(name, True)
+        except EXITS as raised:
+            await self._producer_failed(name, PluginExit(raised))
+        except Exception as error:  # noqa: BLE001 - a producer's failure is reported, not raised
+            await self._producer_failed(name, error)
+
+    async def _producer_failed(self, name: str, error: Exception) -> None:
+        """Log a producer's failure in one line, at the line of its own code that raised, and record it.
+
+        The full traceback is logged at debug level (`--log-level debug`).
+        """
+        where = plugin_frame(error)
+        at = f" at {where}" if where else ""
+        logger.error("producer '%s' failed%s: %s: %s", name, at, type(error).__name__, error)
+        logger.debug("traceback of the failure of producer '%s'", name, exc_info=error)
+        self.failures.append(f"producer '{name}' failed: {type(error).__name__}: {error}")
+        # A failed producer publishes nothing more, so waiting for it cannot end.
+        await self.broker.set_producer_state(name, True)
 
     async def _start_producer(self, producer: Producer, context: Context, invoker: Invoker) -> Any:
         function = producer.function
@@ -352,7 +364,7 @@ class FlowRuntime:
             invoker = Invoker(name, 1)
             try:
                 await handler.close(invoker)
-            except Exception as error:  # noqa: BLE001 - a failing close() must not stop the others
+            except (Exception, *EXITS) as error:  # noqa: BLE001 - a failing close() must not stop the others
                 logger.error("close() of subscriber '%s' failed: %s", name, error)
             finally:
                 invoker.shutdown()
@@ -360,7 +372,7 @@ class FlowRuntime:
         for name, (producer, _, invoker) in self._producers.items():
             try:
                 await producer.close(invoker)
-            except Exception as error:  # noqa: BLE001 - a failing close() must not stop the others
+            except (Exception, *EXITS) as error:  # noqa: BLE001 - a failing close() must not stop the others
                 logger.error("close() of producer '%s' failed: %s", name, error)
             finally:
                 invoker.shutdown()

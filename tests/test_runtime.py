@@ -316,6 +316,84 @@ async def test_settle_without_error_logs_drop(folder, caplog, call, delivery):
     )
 
 
+@pytest.mark.parametrize("raising", [
+    "async def handle(message, context):\n    sys.exit(3)",
+    "def handle(message, context):\n    sys.exit(3)",
+    "async def handle(message, context):\n    raise KeyboardInterrupt",
+], ids=["async-exit", "sync-exit", "keyboard-interrupt"])
+async def test_handler_exit_dead_letters(folder, raising):
+    # SystemExit and KeyboardInterrupt are not Exceptions. A handler that raises them must
+    # fail its message like any error instead of ending its worker with the message in flight.
+    source = folder.plugin("source", NUMBERS_PRODUCER)
+    exiting = folder.plugin("exiting", "import sys\n\n" + raising + "\n")
+    reader = folder.plugin("reader", DEAD_READER)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+          Dead:
+        producers:
+          source:
+            plugin: {source}:numbers
+            publishes: [Orders]
+            with:
+              count: 2
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {exiting}:handle
+            max_deliveries: 2
+            dead_letter: Dead
+{FAST_RETRY}
+          dead:
+            topic: Dead
+            plugin: {reader}:read
+    """)
+
+    report = (await run_until_drained(folder)).report
+    billing = counts_of(report, "billing")
+    errors = [headers["flowrun.error_type"] for headers in module(reader).headers]
+
+    assert billing["delivered"] == 4
+    assert billing["dead_lettered"] == 2
+    assert billing["acked"] == 0
+    assert errors == ["flowrun.errors.PluginExit"] * 2
+    assert "raised by plugin code" in module(reader).headers[0]["flowrun.error"]
+
+
+async def test_producer_exit_reported_as_failure(folder, caplog):
+    source = folder.plugin("source", """
+        import sys
+
+        def numbers(context):
+            yield 1
+            sys.exit(4)
+    """)
+    sink = folder.plugin("sink", DEAD_READER)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {source}:numbers
+            publishes: [Orders]
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {sink}:read
+    """)
+
+    with caplog.at_level(logging.ERROR, logger="flowrun.runtime"):
+        result = await asyncio.wait_for(run_flow(load_flow(folder.flow_path), until_drained=True), RUN_TIMEOUT)
+    failure_lines = [record.getMessage() for record in caplog.records if "failed" in record.getMessage()]
+
+    assert result.failures == ["producer 'source' failed: PluginExit: SystemExit(4) raised by plugin code; a "
+                               "plugin cannot stop flowrun this way, so raise an exception to fail a message"]
+    assert counts_of(result.report, "billing")["acked"] == 1
+    assert len(failure_lines) == 1
+    assert f"{source}.py:6: PluginExit" in failure_lines[0]
+    assert all(record.exc_info is None for record in caplog.records)
+
+
 async def test_explicit_ack_by_handler(folder):
     source = folder.plugin("source", NUMBERS_PRODUCER)
     acker = folder.plugin("acker", """
