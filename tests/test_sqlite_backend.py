@@ -78,3 +78,23 @@ async def test_stats_omit_dropped_subscriber(tmp_path: Path) -> None:
     assert list(report["subscriptions"]) == ["new-name"]
     assert report["subscriptions"]["new-name"]["pending"] == 2
     assert report["topics"][TOPIC]["published"] == 5
+
+
+async def test_small_drain_shrinks_file_at_close(tmp_path: Path) -> None:
+    # 1,000 messages of 10 KB take about 2,600 pages: fewer removals than VACUUM_EVERY, but
+    # more free pages than FREE_PAGES_KEPT once drained, so closing the broker compacts the file.
+    path = tmp_path / "flow.db"
+    body = b'"' + b"x" * 10_000 + b'"'
+    broker = SqliteBroker(path)
+    await broker.start(make_topology(subscription()))
+    try:
+        await broker.publish([envelope(TOPIC, body) for _ in range(1_000)])
+        pages_full = pragma(path, "page_count")
+        deliveries = await fetch_exactly(broker, SUBSCRIPTION, 1_000)
+        await broker.ack(SUBSCRIPTION, [delivery.tag for delivery in deliveries])
+    finally:
+        await broker.close()
+
+    assert pages_full > 2_500
+    assert pragma(path, "page_count") < 100
+    assert pragma(path, "freelist_count") == 0

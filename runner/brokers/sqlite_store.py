@@ -64,11 +64,13 @@ SEEN_ID_PURGE_EVERY = 1000
 # long-lived envelopes keep many of Python's memory arenas from being freed).
 RECENT_MESSAGES = 1024
 RECENT_BYTES = 4 * 1024 * 1024
-# Every VACUUM_EVERY removed messages, free pages beyond FREE_PAGES_KEPT are released: in
-# files of older flowrun versions (auto_vacuum=INCREMENTAL) at once, in newer ones by a
-# VACUUM once the pages in use are at most VACUUM_MAX_PAGES (10 MiB), so that it copies
-# little data and needs little temporary memory.
+# Every VACUUM_EVERY removed messages, VACUUM_INTERVAL seconds after a removal, and when
+# the broker opens and closes the file, free pages beyond FREE_PAGES_KEPT are released. In
+# files of older flowrun versions (auto_vacuum=INCREMENTAL) that happens at once, in newer
+# ones by a VACUUM once the pages in use are at most VACUUM_MAX_PAGES (10 MiB), so that it
+# copies little data and needs little temporary memory.
 VACUUM_EVERY = 10_000
+VACUUM_INTERVAL = 30.0
 FREE_PAGES_KEPT = 2_000
 VACUUM_MAX_PAGES = 2_500
 # The value of PRAGMA auto_vacuum for INCREMENTAL.
@@ -204,6 +206,7 @@ class SqliteStore:
         self.leases = secrets.randbits(48)
         self.publishes_since_purge = 0
         self.removed_since_vacuum = 0
+        self.last_free_pages_check = 0.0
         self.incremental_vacuum = False
         self.data_version = -1
         # Messages this process published, so that a fetch soon after the publish takes
@@ -251,6 +254,21 @@ class SqliteStore:
             self._upgrade()
         if topology is not None:
             self.declare(topology)
+        self._compact_quietly()
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self._compact_quietly()
+            self.connection.close()
+            self.connection = None
+
+    def _compact_quietly(self) -> None:
+        """Return free pages now, logging a failure (another process may hold the file) instead of raising it."""
+        try:
+            self.return_free_pages(now=True)
+        except sqlite3.Error as error:
+            logger.warning("returning free pages of %s failed, so the file stays larger until a later "
+                           "check: %s", self.path, error)
 
     def _check_broker_file(self, connection: sqlite3.Connection) -> None:
         """Raise BrokerError, before writing anything, for a database that another program created.
@@ -396,10 +414,6 @@ class SqliteStore:
             self.recent_messages -= messages
             self.recent_bytes -= size
 
-    def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
 
     # Publishing
 
@@ -1008,17 +1022,22 @@ class SqliteStore:
         ).fetchone()
         return min(value for value in (cursor + 1, in_ranges, in_rows) if value is not None)
 
-    def return_free_pages(self) -> None:
-        """Give free pages back to the file system, checked every VACUUM_EVERY removals, so the file shrinks after a surge.
+    def return_free_pages(self, now: bool = False) -> None:
+        """Give free pages back to the file system, so the file shrinks after a surge.
 
-        Runs outside the group-commit transaction, which VACUUM cannot run in.
-        `incremental_vacuum` frees one page per step, and only `executescript` steps it to
-        the end (`execute` frees a single page). `executescript` would commit an open
-        transaction first.
+        Checks every VACUUM_EVERY removals, VACUUM_INTERVAL seconds after a removal, and
+        whenever `now` is set (as the broker opens and closes the file). Runs outside the
+        group-commit transaction, which VACUUM cannot run in. `incremental_vacuum` frees
+        one page per step, and only `executescript` steps it to the end (`execute` frees a
+        single page). `executescript` would commit an open transaction first.
         """
-        if self.removed_since_vacuum < VACUUM_EVERY:
+        wall = self.clock.wall()
+        removed = self.removed_since_vacuum
+        due = removed >= VACUUM_EVERY or (removed and wall - self.last_free_pages_check >= VACUUM_INTERVAL)
+        if not (now or due):
             return
         self.removed_since_vacuum = 0
+        self.last_free_pages_check = wall
         (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
         if free <= FREE_PAGES_KEPT:
             return
