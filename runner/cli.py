@@ -322,9 +322,12 @@ def _print_error(text: str) -> None:
 def _load_or_exit(flow_path: str, check_plugins: bool = True) -> Any:
     try:
         flow = load_flow(flow_path)
-    except FlowValidationError as error:
-        for problem in error.problems:
-            print(problem, file=sys.stderr)
+    except FlowValidationError:
+        # The same problems as `flowrun validate`: by position, with the references that
+        # could still be checked and a note on those that could not.
+        for problem in validate_file(flow_path, import_plugins=check_plugins):
+            if not problem.is_warning:
+                print(problem, file=sys.stderr)
         raise typer.Exit(1) from None
 
     found = [problem for problem in check_flow(flow, import_plugins=check_plugins) if problem.is_error]

@@ -542,6 +542,22 @@ def test_up_invalid_flow(tmp_path: Path) -> None:
     assert result.stdout == ""
     assert result.stderr == (
         f"{path}:14:5: error: unknown key 'ack_timout' in subscriber 'billing' (did you mean 'ack_timeout'?)\n"
+        f"{path}: note: {PARTLY_CHECKED}\n"
+    )
+
+
+def test_up_reports_schema_and_reference_errors(tmp_path: Path) -> None:
+    # `up` lists what `validate` lists: by position, references included.
+    text = VALID_FLOW.replace(
+        "    publishes: [OrderBilled]\n", "    publishes: [OrderBilled]\n    ack_timout: 5s\n"
+    ).replace("plugin: handlers:produce", "plugin: handlers:missing_attr")
+    path = write_flow(tmp_path, text)
+    result = run_flowrun("up", str(path), "--until-drained", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"{path}:7:13: error: plugin 'handlers:missing_attr': 'handlers' has no attribute 'missing_attr'\n"
+        f"{path}:14:5: error: unknown key 'ack_timout' in subscriber 'billing' (did you mean 'ack_timeout'?)\n"
+        f"{path}: note: {PARTLY_CHECKED}\n"
     )
 
 
