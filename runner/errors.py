@@ -26,8 +26,8 @@ class FlowrunError(Exception):
     """Root of every error flowrun raises on purpose."""
 
 
-# What plugin code may raise that is not an Exception but must not stop flowrun: a
-# handler's sys.exit() would otherwise end its worker task and leave its message in flight.
+# Exceptions outside `Exception` that plugin code may raise and that must not stop flowrun:
+# a handler's sys.exit() would otherwise end its worker task and leave its message in flight.
 EXITS = (SystemExit, KeyboardInterrupt)
 
 

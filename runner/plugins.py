@@ -58,7 +58,7 @@ def resolve(reference: str, search_path: Path | None = None) -> Any:
     try:
         return matches[0].load()
     except (Exception, *EXITS) as error:  # noqa: BLE001 - any import failure of user code is reported
-        raise PluginError(reference, f"entry point {matches[0].value} failed to load: {_describe(error)}") from None
+        raise PluginError(reference, f"entry point {matches[0].value} failed to load: {_describe(error)}") from error
 
 def _import_attribute(reference: str, search_path: Path | None) -> Any:
     module_name, _, attribute = reference.partition(":")
@@ -188,7 +188,7 @@ class Handler:
         if inspect.isclass(target):
             try:
                 self.instance = target()
-            except Exception as error:  # noqa: BLE001 - constructor of user code
+            except (Exception, *EXITS) as error:  # noqa: BLE001 - constructor of user code
                 raise PluginError(reference, f"creating {target.__name__}() failed: {_describe(error)}") from error
             target = self.instance
 
@@ -242,7 +242,7 @@ class Producer:
         if inspect.isclass(target):
             try:
                 target = target()
-            except Exception as error:  # noqa: BLE001 - constructor of user code
+            except (Exception, *EXITS) as error:  # noqa: BLE001 - constructor of user code
                 raise PluginError(reference, f"creating the producer failed: {_describe(error)}") from error
 
         if hasattr(target, "run") and callable(target.run):
