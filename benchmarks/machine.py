@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,39 @@ def load_line() -> str:
     """Return the 1, 5 and 15 minute load averages, which show how busy the shared machine was."""
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+# Before each run, the harness waits until the CPUs are at most this busy over one
+# QUIET_SAMPLE_SECONDS window, for at most QUIET_MAX_WAIT_SECONDS. A server keeps working
+# after its system's run (RabbitMQ deletes quorum queues, NATS compacts its streams), and
+# that work would otherwise land on the next system's run.
+QUIET_BUSY_SHARE = 0.1
+QUIET_SAMPLE_SECONDS = 0.5
+QUIET_MAX_WAIT_SECONDS = 15.0
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """Return (busy, total) jiffies of all CPUs from /proc/stat, or None where it does not exist."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+    fields = [int(value) for value in stat.read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_for_quiet(max_wait: float = QUIET_MAX_WAIT_SECONDS) -> float:
+    """Wait until the machine is quiet (see QUIET_BUSY_SHARE), at most `max_wait`; return the seconds waited."""
+    started = time.monotonic()
+    before = _cpu_times()
+    if before is None or max_wait <= 0:
+        return 0.0
+    while time.monotonic() - started < max_wait:
+        time.sleep(QUIET_SAMPLE_SECONDS)
+        after = _cpu_times()
+        assert after is not None
+        busy, total = after[0] - before[0], after[1] - before[1]
+        if total and busy / total <= QUIET_BUSY_SHARE:
+            break
+        before = after
+    return time.monotonic() - started

@@ -22,6 +22,7 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks import machine, report
+from benchmarks.machine import QUIET_MAX_WAIT_SECONDS
 from benchmarks.runner import REPO_ROOT, Attempt, Figures, run_child
 from benchmarks.scaling import DEFAULT_PENDING
 from benchmarks.systems import SYSTEMS, System, find
@@ -80,6 +81,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true", help="do not write a plot")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
                         help=f"seconds after which one child run counts as failed (default {DEFAULT_TIMEOUT_SECONDS:g})")
+    parser.add_argument("--settle", type=float, default=QUIET_MAX_WAIT_SECONDS,
+                        help="before each run, wait up to this many seconds for the CPUs to be at most 10%% busy "
+                             f"(default {QUIET_MAX_WAIT_SECONDS:g}; 0 does not wait)")
     parser.add_argument("--scaling", action="store_true",
                         help="run the scaling figures instead (subscribers, message size, 1M pending, processes)")
     parser.add_argument("--pending", type=int, default=DEFAULT_PENDING,
@@ -137,7 +141,7 @@ def _record(figures: Figures, attempt: Attempt) -> None:
 def _run_system_once(system: System, row: report.SystemFigures, arguments: argparse.Namespace, console: Console,
                      prefix: str) -> None:
     """Run one throughput run of `system` and, unless skipped, one paced latency run."""
-    attempt = run_child(system, RunSpec(system.name, row.messages, SUBSCRIBERS), arguments.timeout)
+    attempt = run_child(system, RunSpec(system.name, row.messages, SUBSCRIBERS), arguments.timeout, arguments.settle)
     _record(row.throughput, attempt)
     console.print(f"{prefix} {system.name} throughput: {_describe_attempt(attempt, False)}")
     if arguments.no_latency:
@@ -155,7 +159,7 @@ def _run_system_once(system: System, row: report.SystemFigures, arguments: argpa
 
     latency_messages = max(1, round(arguments.rate * arguments.latency_seconds))
     spec = RunSpec(system.name, latency_messages, SUBSCRIBERS, rate=arguments.rate)
-    attempt = run_child(system, spec, arguments.timeout)
+    attempt = run_child(system, spec, arguments.timeout, arguments.settle)
     _record(row.latency, attempt)
     console.print(f"{prefix} {system.name} latency @{arguments.rate:g}/s: {_describe_attempt(attempt, True)}")
 
@@ -190,7 +194,7 @@ def run_main(arguments: argparse.Namespace, console: Console) -> dict[str, Any]:
         for probe in probes:
             messages = max(1, round(probe.rate * arguments.latency_seconds))
             spec = RunSpec(probe.system, messages, probe.subscribers, rate=probe.rate, options=probe.options)
-            attempt = run_child(find(probe.system), spec, arguments.timeout)
+            attempt = run_child(find(probe.system), spec, arguments.timeout, arguments.settle)
             _record(probe_figures[probe.name][1], attempt)
             console.print(f"{prefix} {probe.name}: {_describe_attempt(attempt, True)}")
     elapsed = time.monotonic() - started

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.child import RESULT_PREFIX
+from benchmarks.machine import QUIET_MAX_WAIT_SECONDS, wait_for_quiet
 from benchmarks.systems import System
 from benchmarks.workload import RunSpec
 
@@ -51,12 +52,16 @@ def child_environment() -> dict[str, str]:
     return environment
 
 
-def run_child(system: System, spec: RunSpec, timeout: float) -> Attempt:
-    """Run `system` once in a new interpreter and parse the RESULT line it prints."""
+def run_child(system: System, spec: RunSpec, timeout: float, settle: float = QUIET_MAX_WAIT_SECONDS) -> Attempt:
+    """Run `system` once in a new interpreter and parse the RESULT line it prints.
+
+    First waits up to `settle` seconds for the machine to be quiet (see wait_for_quiet).
+    """
     request = asdict(spec)
     request["module"] = system.module
     request["options"] = {**system.options, **spec.options}
     command = [sys.executable, "-m", "benchmarks.child", json.dumps(request)]
+    wait_for_quiet(settle)
     try:
         completed = subprocess.run(command, cwd=REPO_ROOT, env=child_environment(), capture_output=True,
                                    text=True, timeout=timeout, check=False)

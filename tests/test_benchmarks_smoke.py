@@ -19,7 +19,7 @@ def test_harness_tiny_run(tmp_path: Path) -> None:
     output = tmp_path / "figures.json"
     command = [
         sys.executable, "-m", "benchmarks.run", "--messages", "200", "--runs", "1", "--only", ",".join(SYSTEMS),
-        "--latency-seconds", "0.5", "--no-plot", "--json", str(output),
+        "--latency-seconds", "0.5", "--no-plot", "--settle", "0", "--json", str(output),
     ]
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
 
