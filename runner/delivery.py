@@ -36,6 +36,8 @@ from flowrun.spec import AckPolicy, DeliveryMode, ErrorAction, SubscriberSpec
 logger = logging.getLogger(__name__)
 
 TRACEBACK_CHARS = 4000
+# How long a stop waits for workers after cancelling them (a handler may catch the cancellation).
+CANCEL_GRACE_SECONDS = 1.0
 # Deliveries waiting for a worker must be handled within this share of the ack timeout.
 WINDOW_SHARE_OF_ACK_TIMEOUT = 0.5
 # Weight of a handler call shorter than the running mean. A longer call replaces the mean
@@ -176,6 +178,9 @@ class SubscriptionWorker:
         # Set after each handled delivery while `finish` waits for the last ones.
         self._settled_locally = asyncio.Event()
         self._finishing = False
+        # Set when finish() cancels the workers, so that one whose handler swallowed the
+        # cancellation ends after that call instead of waiting for more work.
+        self._stopped = False
         self._pulled = 0
         self._capacity = asyncio.Event()
         self._consumer: FetchConsumer | None = None
@@ -240,9 +245,17 @@ class SubscriptionWorker:
             await self.broker.clock.wait(self._settled_locally, remaining)
 
         unfinished = len(self._ready) + self.active
+        self._stopped = True
         for worker in self._workers:
             worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        # A handler that catches the cancellation runs on; its worker ends after that call.
+        running: set[asyncio.Task[None]] = set()
+        if self._workers:
+            _, running = await asyncio.wait(self._workers, timeout=CANCEL_GRACE_SECONDS)
+        if running:
+            logger.warning("%d handler calls of '%s' caught their cancellation and still run %gs later; the flow "
+                           "stops without their results, so their messages are delivered again", len(running),
+                           self.name, CANCEL_GRACE_SECONDS)
         self._workers = []
 
         await self._give_back_waiting()
@@ -282,7 +295,7 @@ class SubscriptionWorker:
         on_settle = self._on_settle
         invoke = self._invoke
         ack = self.batcher.ack
-        while True:
+        while not self._stopped:
             if not ready:
                 self._has_work.clear()
                 await self._has_work.wait()

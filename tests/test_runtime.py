@@ -1706,3 +1706,51 @@ async def test_stop_loses_nothing_under_ack_none(folder):
     assert billing["delivered"] == 6
     assert billing["dropped"] == 0
     assert billing["pending"] == 34
+
+
+async def test_stop_ends_despite_swallowed_cancel(folder):
+    # A handler that catches its cancellation and returns must not keep its worker, and so
+    # the stop, waiting for more work after shutdown_timeout.
+    source = folder.plugin("source", NUMBERS_PRODUCER)
+    stubborn = folder.plugin("stubborn", """
+        import asyncio
+
+        started = []
+
+        async def handle(message, context):
+            started.append(message.payload)
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.2)
+    """)
+    folder.write_flow(f"""
+        shutdown_timeout: 0.5s
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {source}:numbers
+            publishes: [Orders]
+            with:
+              count: 3
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {stubborn}:handle
+    """)
+
+    runtime = FlowRuntime(load_flow(folder.flow_path))
+    await runtime.start()
+    try:
+        while not module(stubborn).started:
+            await asyncio.sleep(0.01)
+    finally:
+        began = time.monotonic()
+        result = await asyncio.wait_for(runtime.stop(), 10.0)
+    stopped_after = time.monotonic() - began
+
+    assert module(stubborn).started == [0]
+    # The handler returned normally after catching the cancellation, so its message is acked.
+    assert counts_of(result.report, "billing")["acked"] == 1
+    assert stopped_after < 3.0
