@@ -18,14 +18,20 @@ from flowrun.tasks import cancel_and_wait
 logger = logging.getLogger(__name__)
 
 
+# Body bytes that may wait for the publish in flight, at most about: with megabyte payloads
+# a batch of `limit` messages would otherwise hold hundreds of megabytes.
+WAITING_BYTES = 16 * 1024 * 1024
+
+
 class BatchPublisher:
-    """Publishes envelopes in order through one background task, at most `limit` waiting."""
+    """Publishes envelopes in order through one background task, at most `limit` (or WAITING_BYTES) waiting."""
 
     def __init__(self, broker: Broker, name: str, limit: int) -> None:
         self._broker = broker
         self._name = name
         self._limit = limit
         self._waiting: list[Envelope] = []
+        self._waiting_bytes = 0
         self._task: asyncio.Task[None] | None = None
 
     def put(self, envelope: Envelope) -> bool:
@@ -36,10 +42,11 @@ class BatchPublisher:
         """
         self._check_task()
         self._waiting.append(envelope)
+        self._waiting_bytes += len(envelope.body)
         if self._task is None:
             self._task = asyncio.create_task(self._publish_waiting(), name=f"flowrun-publish-{self._name}")
             return False
-        return len(self._waiting) >= self._limit
+        return len(self._waiting) >= self._limit or self._waiting_bytes >= WAITING_BYTES
 
     async def flush(self) -> None:
         """Wait until every queued envelope is stored; raise the error of a failed batch."""
@@ -61,10 +68,12 @@ class BatchPublisher:
         await cancel_and_wait(task)
         self._task = None
         self._waiting = []
+        self._waiting_bytes = 0
 
     async def _publish_waiting(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting, []
+            self._waiting_bytes = 0
             await self._broker.publish(batch)
 
     def _check_task(self) -> None:
@@ -80,4 +89,5 @@ class BatchPublisher:
             logger.warning("producer '%s': %d messages after a failed publish were not published",
                            self._name, len(self._waiting))
             self._waiting = []
+            self._waiting_bytes = 0
         raise error

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from flowrun.brokers import BROKER_URL_VARIABLE
+from flowrun.brokers import BROKER_URL_VARIABLE, create_broker
 from flowrun.loader import load_flow
 from flowrun.runtime import FlowRuntime, RunResult, run_flow
 
@@ -1754,3 +1754,45 @@ async def test_stop_ends_despite_swallowed_cancel(folder):
     # The handler returned normally after catching the cancellation, so its message is acked.
     assert counts_of(result.report, "billing")["acked"] == 1
     assert stopped_after < 3.0
+
+
+async def test_publish_batches_bounded_by_bytes(folder):
+    # A producer that yields 1 MiB payloads without waiting fills a batch by bytes long
+    # before it reaches the item limit: at most WAITING_BYTES (16 MiB) plus the item that
+    # crossed it wait for each publish.
+    plugins = folder.plugin("large", """
+        async def produce(context):
+            blob = "x" * (1024 * 1024)
+            for number in range(80):
+                yield {"n": number, "blob": blob}
+
+        async def handle(message, context):
+            return None
+    """)
+    folder.write_flow(f"""
+        topics:
+          Orders:
+        producers:
+          source:
+            plugin: {plugins}:produce
+            publishes: [Orders]
+        subscribers:
+          billing:
+            topic: Orders
+            plugin: {plugins}:handle
+    """)
+    flow = load_flow(folder.flow_path)
+    broker = create_broker(flow.spec.broker, flow.path, flow.spec.name)
+    batches: list[int] = []
+    publish = broker.publish
+
+    async def recorded_publish(envelopes):
+        batches.append(len(envelopes))
+        await publish(envelopes)
+
+    broker.publish = recorded_publish
+    result = await asyncio.wait_for(run_flow(flow, until_drained=True, broker=broker), RUN_TIMEOUT)
+
+    assert sum(batches) == 80
+    assert max(batches) <= 17
+    assert counts_of(result.report, "billing")["acked"] == 80
