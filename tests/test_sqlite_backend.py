@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -98,3 +99,24 @@ async def test_small_drain_shrinks_file_at_close(tmp_path: Path) -> None:
     assert pages_full > 2_500
     assert pragma(path, "page_count") < 100
     assert pragma(path, "freelist_count") == 0
+
+
+async def test_running_broker_shrinks_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A broker that keeps running after a drained surge compacts the file once
+    # VACUUM_INTERVAL has passed since a removal, and the file on disk shrinks at once.
+    monkeypatch.setattr(sqlite_store, "VACUUM_INTERVAL", 0.2)
+    path = tmp_path / "flow.db"
+    body = b'"' + b"x" * 10_000 + b'"'
+    broker = SqliteBroker(path)
+    await broker.start(make_topology(subscription()))
+    try:
+        await broker.publish([envelope(TOPIC, body) for _ in range(1_000)])
+        deliveries = await fetch_exactly(broker, SUBSCRIPTION, 1_000)
+        await broker.ack(SUBSCRIPTION, [delivery.tag for delivery in deliveries])
+        await asyncio.sleep(0.3)
+        await broker.publish([envelope(TOPIC, b"1")])
+        size_while_running = path.stat().st_size
+    finally:
+        await broker.close()
+
+    assert size_while_running < 100 * 4096

@@ -1048,6 +1048,10 @@ class SqliteStore:
         if pages - free <= VACUUM_MAX_PAGES:
             logger.info("compacting %s: %d of its %d pages are free", self.path, free, pages)
             self._db.execute("VACUUM")
+            # VACUUM writes the compacted pages to the WAL. The file shrinks only with a
+            # checkpoint that copies all of them, which the automatic ones may never finish
+            # while the flow keeps writing.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
     def unlease(self, subscription: str, tags: Sequence[_Tag]) -> None:
         """Undo a fetch whose deliveries reached no handler: the rows are ready again, uncounted.
