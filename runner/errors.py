@@ -38,7 +38,9 @@ class PluginExit(FlowrunError):
         self.raised = raised
         detail = f"({raised})" if str(raised) else ""
         super().__init__(f"{type(raised).__name__}{detail} raised by plugin code; a plugin cannot stop flowrun "
-                         "this way, so raise an exception to fail a message")
+                         "this way, so raise an exception instead")
+        # The exit's traceback names the plugin's file and line, in logs and dead letters.
+        self.__cause__ = raised
 
 
 @dataclass(frozen=True)

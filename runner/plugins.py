@@ -88,7 +88,7 @@ def _import_attribute(reference: str, search_path: Path | None) -> Any:
     return target
 
 def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def plugin_frame(error: BaseException) -> str | None:

@@ -110,7 +110,7 @@ class FlowRuntime:
             try:
                 await handler.setup(invoker, context)
             except (Exception, *EXITS) as error:
-                raise PluginError(handler.reference, f"setup() of subscriber '{name}' failed: {error}") from error
+                raise PluginError(handler.reference, f"setup() of subscriber '{name}' failed: {_plugin_failure(error)}") from error
             finally:
                 invoker.shutdown()
 
@@ -118,7 +118,7 @@ class FlowRuntime:
             try:
                 await producer.setup(invoker, context)
             except (Exception, *EXITS) as error:
-                raise PluginError(producer.reference, f"setup() of producer '{name}' failed: {error}") from error
+                raise PluginError(producer.reference, f"setup() of producer '{name}' failed: {_plugin_failure(error)}") from error
 
         # Everything alive now (modules, plugins, the flow) lives as long as the run, so
         # full garbage collections while messages flow need not scan it again. Each
@@ -365,7 +365,7 @@ class FlowRuntime:
             try:
                 await handler.close(invoker)
             except (Exception, *EXITS) as error:  # noqa: BLE001 - a failing close() must not stop the others
-                logger.error("close() of subscriber '%s' failed: %s", name, error)
+                logger.error("close() of subscriber '%s' failed: %s", name, _plugin_failure(error))
             finally:
                 invoker.shutdown()
 
@@ -373,7 +373,7 @@ class FlowRuntime:
             try:
                 await producer.close(invoker)
             except (Exception, *EXITS) as error:  # noqa: BLE001 - a failing close() must not stop the others
-                logger.error("close() of producer '%s' failed: %s", name, error)
+                logger.error("close() of producer '%s' failed: %s", name, _plugin_failure(error))
             finally:
                 invoker.shutdown()
 
@@ -402,3 +402,10 @@ async def run_flow(
     finally:
         result = await runtime.stop()
     return result
+
+
+def _plugin_failure(error: BaseException) -> str:
+    """Describe a failure of plugin code for a one-line message; exits become PluginExit's text."""
+    if isinstance(error, EXITS):
+        return str(PluginExit(error))
+    return str(error) or type(error).__name__

@@ -358,6 +358,8 @@ async def test_handler_exit_dead_letters(folder, raising):
     assert billing["acked"] == 0
     assert errors == ["flowrun.errors.PluginExit"] * 2
     assert "raised by plugin code" in module(reader).headers[0]["flowrun.error"]
+    # The traceback reaches into the handler's own module.
+    assert f"{exiting}.py" in module(reader).headers[0]["flowrun.traceback"]
 
 
 async def test_producer_exit_reported_as_failure(folder, caplog):
@@ -387,7 +389,7 @@ async def test_producer_exit_reported_as_failure(folder, caplog):
     failure_lines = [record.getMessage() for record in caplog.records if "failed" in record.getMessage()]
 
     assert result.failures == ["producer 'source' failed: PluginExit: SystemExit(4) raised by plugin code; a "
-                               "plugin cannot stop flowrun this way, so raise an exception to fail a message"]
+                               "plugin cannot stop flowrun this way, so raise an exception instead"]
     assert counts_of(result.report, "billing")["acked"] == 1
     assert len(failure_lines) == 1
     assert f"{source}.py:6: PluginExit" in failure_lines[0]
