@@ -6,7 +6,7 @@ import asyncio
 import gc
 import inspect
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -363,19 +363,30 @@ class FlowRuntime:
         for name, (handler, _) in self._handlers.items():
             invoker = Invoker(name, 1)
             try:
-                await handler.close(invoker)
-            except (Exception, *EXITS) as error:  # noqa: BLE001 - a failing close() must not stop the others
-                logger.error("close() of subscriber '%s' failed: %s", name, _plugin_failure(error))
+                await self._close_plugin(f"subscriber '{name}'", handler.close(invoker))
             finally:
                 invoker.shutdown()
 
         for name, (producer, _, invoker) in self._producers.items():
             try:
-                await producer.close(invoker)
-            except (Exception, *EXITS) as error:  # noqa: BLE001 - a failing close() must not stop the others
-                logger.error("close() of producer '%s' failed: %s", name, _plugin_failure(error))
+                await self._close_plugin(f"producer '{name}'", producer.close(invoker))
             finally:
                 invoker.shutdown()
+
+    async def _close_plugin(self, plugin: str, closing: Awaitable[None]) -> None:
+        """Await one plugin's close() for at most shutdown_timeout; log a failure instead of raising it.
+
+        A sync close() that runs on past the timeout is left on its thread, as a stuck
+        handler call is (`flowrun up` then exits without waiting for it).
+        """
+        timeout = self.flow.spec.shutdown_timeout
+        try:
+            await asyncio.wait_for(closing, timeout)
+        except TimeoutError:
+            logger.warning("close() of %s did not return within shutdown_timeout %gs; stopping without it",
+                           plugin, timeout)
+        except (Exception, *EXITS) as error:  # noqa: BLE001 - a failing close() must not stop the others
+            logger.error("close() of %s failed: %s", plugin, _plugin_failure(error))
 
 
 def _with_location(build: Any, location: Any) -> Any:

@@ -179,3 +179,36 @@ def test_stuck_sync_handler_blocks_nothing(tmp_path: Path) -> None:
     assert worker["dropped"] == 1
     assert worker["delivered"] == 11
     assert "exiting without waiting for 2 sync handler call(s)" in result.stderr
+
+
+CLOSE_HANGS_PLUGIN = """
+import threading
+
+def numbers(context):
+    yield {"n": 1}
+
+class Handler:
+    def handle(self, message, context):
+        return None
+
+    def close(self):
+        threading.Event().wait()
+"""
+
+
+def test_hanging_close_does_not_hold_exit(tmp_path: Path) -> None:
+    # close() never returns. The run waits for it at most shutdown_timeout, then exits
+    # without waiting for its thread.
+    (tmp_path / "closeplugin.py").write_text(CLOSE_HANGS_PLUGIN, encoding="utf-8")
+    flow = STUCK_FLOW.replace("stuckplugin:numbers", "closeplugin:numbers").replace(
+        "stuckplugin:handle", "closeplugin:Handler").replace("name: stuck\n", "name: stuck\nshutdown_timeout: 1s\n")
+    (tmp_path / "flow.yaml").write_text(flow, encoding="utf-8")
+
+    started = time.monotonic()
+    result = run_flowrun("up", "flow.yaml", "--until-drained", "--no-progress", cwd=tmp_path, timeout=60)
+    elapsed = time.monotonic() - started
+
+    assert result.returncode == 0
+    assert "close() of subscriber 'worker' did not return within shutdown_timeout 1s" in result.stderr
+    assert "exiting without waiting for 1 sync handler call(s)" in result.stderr
+    assert elapsed < 15
