@@ -60,7 +60,7 @@ async def test_drained_backlog_gives_its_pages_back(tmp_path: Path, monkeypatch:
 
 
 async def test_stats_omit_dropped_subscriber(tmp_path: Path) -> None:
-    # A subscriber renamed in the flow leaves its old row in the file. The old one holds
+    # A subscriber renamed in the flow leaves its old row in the file. The old one keeps
     # no messages any more, so the report must not show it with a backlog.
     path = tmp_path / "flow.db"
     before = SqliteBroker(path)
