@@ -94,9 +94,9 @@ def _describe(error: BaseException) -> str:
 def plugin_frame(error: BaseException) -> str | None:
     """Return `file:line` of the innermost traceback frame outside flowrun and the standard library, if any.
 
-    Looks at the error, then at the exit a PluginExit wraps, then at the error's cause.
+    Looks at the error, then at its cause (the exit that a PluginExit wraps), then at its context.
     """
-    for candidate in (error, getattr(error, "raised", None), error.__cause__, error.__context__):
+    for candidate in (error, error.__cause__, error.__context__):
         if candidate is None:
             continue
         outside = [frame for frame in traceback.extract_tb(candidate.__traceback__)

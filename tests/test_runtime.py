@@ -1760,8 +1760,8 @@ async def test_stop_ends_despite_swallowed_cancel(folder):
 
 async def test_publish_batches_bounded_by_bytes(folder):
     # A producer that yields 1 MiB payloads without waiting fills a batch by bytes long
-    # before it reaches the item limit: at most WAITING_BYTES (16 MiB) plus the item that
-    # crossed it wait for each publish.
+    # before the item limit. At most WAITING_BYTES (16 MiB) wait for each publish, plus the
+    # item that crossed it.
     plugins = folder.plugin("large", """
         async def produce(context):
             blob = "x" * (1024 * 1024)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowrun.broker import Broker, Nack, SubscriptionConfig, Topology
+from flowrun.broker import Broker, Nack, Topology
 from flowrun.brokers.options import SqliteOptions
 from flowrun.brokers.sqlite_store import SqliteStore, _Tag
 from flowrun.clock import SYSTEM_CLOCK, Clock
@@ -56,7 +56,6 @@ class SqliteBroker(Broker):
             raise BrokerError(f"invalid synchronous setting '{synchronous}'; use normal, full or extra")
         self.path = path
         self._store = SqliteStore(path, clock, synchronous.upper(), dedup_window)
-        self._configs: dict[str, SubscriptionConfig] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="flowrun-sqlite")
         self._jobs: list[_Job] = []
         self._wake_writer = asyncio.Event()
@@ -81,7 +80,6 @@ class SqliteBroker(Broker):
 
     async def start(self, topology: Topology) -> None:
         self.topology = topology
-        self._configs = {config.name: config for config in topology.subscriptions}
         self._arrived = {config.name: asyncio.Event() for config in topology.subscriptions}
         await self._open(topology)
         self._writer = asyncio.create_task(self._run_writer(), name="flowrun-sqlite-writer")
@@ -91,8 +89,6 @@ class SqliteBroker(Broker):
     async def open_for_inspection(self, topology: Topology | None) -> None:
         """Open without starting delivery, for `status` and `dlq`."""
         self.topology = topology
-        if topology is not None:
-            self._configs = {config.name: config for config in topology.subscriptions}
         await self._open(topology)
         self._writer = asyncio.create_task(self._run_writer(), name="flowrun-sqlite-writer")
 
@@ -287,7 +283,7 @@ class SqliteBroker(Broker):
     async def ack(self, subscription: str, tags: Sequence[Any]) -> None:
         await self._write("ack", subscription, tags)
         self._release(subscription, tags)
-        if self._configs[subscription].ordered:
+        if self._store.configs[subscription].ordered:
             # The next message of an acked key may be ready now.
             self._arrived[subscription].set()
 
@@ -318,7 +314,7 @@ class SqliteBroker(Broker):
     # Leases of this process: expire them on time so push caps and drains see it.
 
     def _track_leases(self, subscription: str, deliveries: list[Delivery]) -> None:
-        config = self._configs[subscription]
+        config = self._store.configs[subscription]
         if config.ack is AckPolicy.NONE:
             return
         leases = self._leases.setdefault(subscription, {})

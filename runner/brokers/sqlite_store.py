@@ -1121,7 +1121,7 @@ class SqliteStore:
         """Report counts per topic and per subscription that the flow declares.
 
         A subscription that the flow no longer declares keeps its row in the file, but
-        holds no messages (trim ignores it), so its backlog would be wrong; it is left out.
+        keeps no messages (trim ignores it), so its backlog would be wrong; it is left out.
         Without a declared flow (`open_for_inspection(None)`) every subscription is reported.
         """
         connection = self._db

@@ -177,8 +177,8 @@ async def test_consume_window_bounded_by_bytes(backend, broker_factory):
     consumer.set_limit(1000)
     await asyncio.wait_for(enough.wait(), WAIT_SECONDS)
     await asyncio.sleep(0.3)
-    held = len(received)
+    unacked = len(received)
     await consumer.stop()
 
     assert consumer.byte_limit == 64
-    assert held == 64
+    assert unacked == 64
